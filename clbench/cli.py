@@ -1,0 +1,141 @@
+"""``clbench run | report | list | perf``. Heavy packages (torch, Avalanche, wandb) are imported
+only inside the commands that need them, so ``--help`` and ``list`` answer at once."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from clbench.errors import UsageError
+
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clbench", description="Continual-learning benchmark harness for pretrained ViTs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="list methods, benchmarks and backbones")
+
+    run = sub.add_parser("run", help="train methods class-incrementally and write results + report")
+    run.add_argument("--methods", type=str, default=None,
+                     help="comma-separated method names, or 'all' (default: every built-in method)")
+    run.add_argument("--bench", default="digits", help="benchmark name (default: digits, embedded)")
+    run.add_argument("--tasks", type=int, default=None, help="number of tasks (benchmark default)")
+    run.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 1993,1994 (benchmark default)")
+    run.add_argument("--backbone", default=None, help="backbone short name or timm name")
+    run.add_argument("--checkpoint", default=None, help="local .safetensors/.pth weights for the backbone")
+    run.add_argument("--epochs", type=int, default=None, help="override every method's epochs")
+    run.add_argument("--batch-size", type=int, default=None, help="override every method's batch size")
+    run.add_argument("--lr", type=float, default=None, help="override every method's learning rate")
+    run.add_argument("--data-dir", default=None, help="data root (else $CLBENCH_DATA, else ~/.cache/clbench)")
+    run.add_argument("--download", action="store_true", help="download missing data (verified)")
+    run.add_argument("--out", default="runs", help="output folder (default: runs)")
+    run.add_argument("--name", default=None, help="run name (default: <bench>-<timestamp>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="hyperparameter override, e.g. --set sdlora.rank=8 or --set split=coda")
+    run.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE_OR_MODULE",
+                     help="python file or module that registers methods/benchmarks")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    report = sub.add_parser("report", help="comparison tables and plots from run folders")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default=None, help="report folder (default: reports/<name>)")
+    report.add_argument("--name", default=None)
+    report.add_argument("--metrics", nargs="+", default=None)
+    report.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
+    report.add_argument("--compare-paper", action="store_true",
+                        help="add the SD-LoRA paper's published numbers next to ours")
+    return parser
+
+
+def cmd_list(args) -> int:
+    from clbench.backbones import BACKBONES
+    from clbench.registry import BENCHMARKS, METHODS, static_entries
+
+    for title, registry in (("methods", METHODS), ("benchmarks", BENCHMARKS)):
+        print(f"{title}:")
+        for entry in static_entries(registry):
+            print(f"  {entry.name:<16} {entry.description}  [{entry.origin}]")
+    print("backbones:")
+    for spec in BACKBONES.values():
+        print(f"  {spec.name:<30} {spec.tag}  — {spec.description}")
+    return 0
+
+
+def plan_from_args(args):
+    import time
+
+    from clbench.runner import RunPlan, load_plan
+
+    if args.resume:
+        return load_plan(args.resume)
+    methods = None if args.methods in (None, "all") else [m.strip() for m in args.methods.split(",")]
+    name = args.name or f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RunPlan(run_dir=str(Path(args.out) / name), benchmark=args.bench, n_tasks=args.tasks,
+                   methods=methods or [], seeds=args.seeds or [], backbone=args.backbone,
+                   checkpoint=args.checkpoint, epochs=args.epochs, lr=args.lr,
+                   batch_size=args.batch_size, overrides=args.overrides, plugins=args.plugins,
+                   data_dir=args.data_dir, download=args.download, device=args.device,
+                   workers=args.workers, wandb=args.wandb)
+
+
+def cmd_run(args) -> int:
+    from clbench import runner
+
+    plan = plan_from_args(args)
+    try:
+        paths = runner.run(plan)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished tasks are saved; continue with "
+              f"`clbench run --resume {plan.run_dir}`", file=sys.stderr)
+        return 130
+    print("results:")
+    for path in paths:
+        print(f"  {path}")
+    if not args.no_report:
+        from clbench.report import write_report
+
+        folder = write_report([Path(plan.run_dir)], name=Path(plan.run_dir).name)
+        print(f"report: {folder / 'summary.md'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from clbench.report import write_report
+
+    folder = write_report([Path(d) for d in args.run_dirs], out_dir=Path(args.out) if args.out else None,
+                          name=args.name, metrics=args.metrics, wandb_mode=args.wandb,
+                          compare_paper=args.compare_paper)
+    print(f"report: {folder / 'summary.md'}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"clbench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Errors the CLI turns into one line on stderr and exit code 2 (no traceback)."""
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""

@@ -1,0 +1,259 @@
+"""The base class every method subclasses: an Avalanche ``SupervisedTemplate`` with the shared
+class-incremental head, the current-task loss, per-task optimisers and exact evaluation counts.
+
+A method overrides only what differs (see ``methods/finetune.py`` for the smallest example):
+
+* ``prepare_model(model)``: model surgery once, before training (adapters, prompts, freezing);
+* ``before_task(task)`` / ``after_task(task)``: work at task boundaries (new LoRA component,
+  subspace statistics, ...); ``self.dataloader`` is the current task's training loader there;
+* ``trainable_parameters()``, ``make_optimizer_for_task()``, ``make_scheduler_for_task()``;
+* ``extra_loss()`` for terms beyond the masked cross-entropy; ``forward()`` if inference differs;
+* ``extra_state()`` / ``restore_structure(state)`` so a checkpoint can rebuild grown structures.
+
+The head grows each task (old rows copied) and the training loss uses only the current task's
+logits, the protocol of SD-LoRA, InfLoRA and CODA-Prompt; test-time prediction is the argmax over
+all seen classes, with no task identity.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message="no QP solver found")  # only GEM-style strategies need one
+warnings.filterwarnings("ignore", message="No loggers specified")  # clbench records results itself
+warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # the empty head
+
+from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
+from avalanche.training.templates import SupervisedTemplate  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from clbench.hparams import TrainConfig  # noqa: E402
+
+
+class IncrementalHead(nn.Module):
+    """Linear head over all classes seen so far; grows by copying old rows into a larger layer."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.fc = nn.Linear(in_features, 0)
+
+    @property
+    def n_classes(self) -> int:
+        return self.fc.out_features
+
+    def grow(self, n_new: int) -> None:
+        old = self.fc
+        new = nn.Linear(self.in_features, old.out_features + n_new).to(old.weight.device)
+        # SD-LoRA's SimpleLinear init (also fine for the others): kaiming-uniform, zero bias.
+        nn.init.kaiming_uniform_(new.weight, nonlinearity="linear")
+        nn.init.zeros_(new.bias)
+        with torch.no_grad():
+            new.weight[: old.out_features] = old.weight
+            new.bias[: old.out_features] = old.bias
+        self.fc = new
+
+    def resize(self, n_classes: int) -> None:
+        if n_classes > self.n_classes:
+            self.grow(n_classes - self.n_classes)
+
+    def forward(self, features):
+        return self.fc(features)
+
+
+class CLModel(nn.Module):
+    """Backbone (timm ViT, ``num_classes=0``) + input normalisation + incremental head."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, mean=None, std=None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = IncrementalHead(feature_dim)
+        self.normalize_input = mean is not None
+        if self.normalize_input:
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def normalize(self, x):
+        return (x - self.mean) / self.std if self.normalize_input else x
+
+    def features(self, x):
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class CLStrategy(SupervisedTemplate):
+    """Base of all clbench methods. Subclasses set ``Config`` and override the hooks above."""
+
+    registered_name = "?"
+    Config = TrainConfig
+    forward_passes_per_image = 1
+    # True when the pretrained backbone weights never change: checkpoints then omit them.
+    backbone_frozen = True
+    optimizer_name = "sgd"  # "sgd" (momentum 0.9) or "adam"; methods pick per their code
+
+    @classmethod
+    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
+        """Per-benchmark hyperparameters from the paper/official code (override in subclasses)."""
+        return {}
+
+    def __init__(self, *, model: CLModel, config, device="cpu", plugins=None, evaluator=None,
+                 num_workers: int = 0, seed: int = 0):
+        self.config = config
+        self.seed = seed
+        self.num_workers = num_workers
+        self.task = -1
+        self.known_classes = 0  # classes of tasks before the current one
+        self.scheduler = None
+        self._pretrained_ids = {id(p) for p in model.backbone.parameters()}
+        self.prepare_model(model)
+        placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+        super().__init__(
+            model=model, optimizer=placeholder, criterion=nn.CrossEntropyLoss(),
+            train_mb_size=config.batch_size, train_epochs=config.epochs,
+            eval_mb_size=config.eval_batch_size, device=device, plugins=plugins,
+            evaluator=evaluator if evaluator is not None else EvaluationPlugin(loggers=[]))
+        self.model.to(self.device)
+
+    # ----------------------------------------------------------------- hooks for methods
+    def prepare_model(self, model: CLModel) -> None:
+        """Model surgery before the first task. Default: freeze the backbone."""
+        model.backbone.requires_grad_(False)
+
+    def before_task(self, task: int) -> None:
+        """Called after the head has grown and the train loader exists, before the optimiser."""
+
+    def after_task(self, task: int) -> None:
+        """Called after the last epoch of a task, before evaluation."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def make_optimizer_for_task(self, params):
+        lr = self.config.lr
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.0)
+
+    def make_scheduler_for_task(self, optimizer):
+        """Per-epoch LR schedule, or ``None`` for a constant rate."""
+        return None
+
+    def extra_loss(self) -> torch.Tensor | float:
+        return 0.0
+
+    def extra_state(self) -> dict:
+        """Everything besides the model's tensors needed to rebuild the model at resume."""
+        return {"task": self.task, "known_classes": self.known_classes,
+                "n_classes": self.model.head.n_classes}
+
+    def restore_structure(self, state: dict) -> None:
+        """Rebuild grown structures so ``load_state_dict`` finds every key."""
+        self.model.head.resize(state["n_classes"])
+        self.task = state["task"]
+        self.known_classes = state["known_classes"]
+
+    # ----------------------------------------------------------------- template overrides
+    @property
+    def current_classes(self) -> int:
+        return self.model.head.n_classes - self.known_classes
+
+    def model_adaptation(self, model=None):
+        return self.model if model is None else model
+
+    def check_model_and_optimizer(self, **kwargs):
+        """Start of a task: grow the head, run the method's hook, fresh optimiser and schedule."""
+        self.task += 1
+        self.known_classes = self.model.head.n_classes
+        n_new = len(self.experience.classes_in_this_experience)
+        self.model.head.grow(n_new)
+        self.model.to(self.device)
+        self.before_task(self.task)
+        self.optimizer = self.make_optimizer_for_task(self.trainable_parameters())
+        self.scheduler = self.make_scheduler_for_task(self.optimizer)
+
+    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
+                              persistent_workers=False, drop_last=False, **kwargs):
+        """A plain DataLoader, shuffled by a generator seeded from (seed, task): resumable runs
+        see the same batches as uninterrupted ones."""
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.task + 1)
+        workers = self.num_workers
+        self.dataloader = torch.utils.data.DataLoader(
+            self.adapted_dataset, batch_size=self.train_mb_size, shuffle=True,
+            num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, generator=generator, drop_last=drop_last)
+
+    def make_eval_dataloader(self, **kwargs):
+        workers = self.num_workers
+        self.dataloader = torch.utils.data.DataLoader(
+            self.adapted_dataset, batch_size=self.eval_mb_size, shuffle=False,
+            num_workers=workers, pin_memory=self.device.type == "cuda")
+
+    def criterion(self):
+        if not self.is_training:
+            return F.cross_entropy(self.mb_output, self.mb_y)
+        logits = self.mb_output[:, self.known_classes:]
+        return F.cross_entropy(logits, self.mb_y - self.known_classes) + self.extra_loss()
+
+    def _after_training_epoch(self, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.step()
+        super()._after_training_epoch(**kwargs)
+
+    def _after_training_exp(self, **kwargs):
+        self.after_task(self.task)
+        super()._after_training_exp(**kwargs)
+
+    # ----------------------------------------------------------------- evaluation counts
+    @torch.no_grad()
+    def evaluate_counts(self, experiences) -> tuple[list[int], list[int]]:
+        """Correct predictions and sample counts per experience (argmax over all seen classes)."""
+        self._counts = []
+        self.eval(experiences)
+        correct = [c for c, _ in self._counts]
+        total = [t for _, t in self._counts]
+        return correct, total
+
+    def _before_eval_exp(self, **kwargs):
+        super()._before_eval_exp(**kwargs)
+        self._counts.append([0, 0])
+
+    def _after_eval_iteration(self, **kwargs):
+        predictions = self.mb_output.argmax(dim=1)
+        self._counts[-1][0] += int((predictions == self.mb_y).sum())
+        self._counts[-1][1] += int(self.mb_y.numel())
+        super()._after_eval_iteration(**kwargs)
+
+    # ----------------------------------------------------------------- checkpoints
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def checkpoint(self) -> dict:
+        """Model tensors (without the untouched pretrained weights) and the method's state."""
+        skip = set()
+        if self.backbone_frozen:
+            skip = {name for name, p in self.model.named_parameters(remove_duplicate=False)
+                    if id(p) in self._pretrained_ids}
+        tensors = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k not in skip}
+        return {"model": tensors, "state": self.extra_state()}
+
+    def load_checkpoint(self, checkpoint: dict) -> None:
+        self.restore_structure(checkpoint["state"])
+        self.model.to(self.device)
+        missing, unexpected = self.model.load_state_dict(checkpoint["model"], strict=False)
+        pretrained_names = {name for name, p in self.model.named_parameters(remove_duplicate=False)
+                            if id(p) in self._pretrained_ids}
+        missing = [m for m in missing if not (self.backbone_frozen and m in pretrained_names)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+
+
+def cosine_per_epoch(optimizer, epochs: int):
+    """The per-epoch cosine of the CODA-Prompt / InfLoRA codes: lr·(1 + cos(π·e/E))/2."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1))))

@@ -1,0 +1,128 @@
+"""Weights & Biases logging through the ``wandb`` package directly.
+
+Avalanche's ``WandBLogger`` does not work with wandb 0.31 (``wandb.util.generate_id`` and
+``wandb.viz`` are gone), so training and ``clbench report`` use these few functions instead.
+
+Every function accepts the handle returned by :func:`start_run`, which is ``None`` when W&B is
+disabled; then they do nothing. ``wandb`` is imported lazily so that importing this module (and
+the CLI) stays fast.
+
+Modes: ``disabled`` (nothing), ``offline`` (written under ``<dir>/wandb/offline-run-*``, no network,
+no account; upload later with ``wandb sync``), ``online`` (needs an API key).
+No API key or other secret is ever put in a run config: keys that look like secrets are dropped.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from clbench.errors import UsageError
+
+MODES = ("disabled", "offline", "online")
+
+_NO_KEY = "W&B online mode needs an API key: run `wandb login` or use --wandb offline"
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+
+
+def check_mode(mode: str) -> str:
+    """Validate ``mode``; for ``online`` also check that credentials exist (no network used)."""
+    if mode not in MODES:
+        raise UsageError(f"unknown W&B mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "online" and not _has_api_key():
+        raise UsageError(_NO_KEY)
+    return mode
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import wandb
+
+        # Reads WANDB_API_KEY, the settings files and ~/.netrc (or $NETRC); never prompts and,
+        # with verify=False, never contacts the server.
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # noqa: BLE001 - fall back to reading ~/.netrc ourselves
+        return _netrc_has_wandb_entry()
+
+
+def _netrc_has_wandb_entry() -> bool:
+    import netrc
+
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        hosts = netrc.netrc(str(path)).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host or "coreweave" in host for host in hosts)
+
+
+def _scrub(value: Any) -> Any:
+    """Copy of ``value`` without secret-looking keys or the W&B API key itself."""
+    api_key = os.environ.get("WANDB_API_KEY")
+    if isinstance(value, Mapping):
+        return {str(k): _scrub(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if api_key and isinstance(value, str) and api_key in value:
+        return "<redacted>"
+    return value
+
+
+def start_run(mode: str, project: str, group: str, name: str, config: dict, dir: Path):
+    """Start a W&B run and return its handle, or ``None`` when ``mode == "disabled"``.
+
+    Raises :class:`clbench.errors.UsageError` for an unknown mode, or for ``online`` without an
+    API key (``WANDB_API_KEY``, ``wandb login`` / ~/.netrc).
+    """
+    check_mode(mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run_dir = Path(dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        mode=mode,
+        project=project,
+        group=group,
+        name=name,
+        config=_scrub(config or {}),
+        dir=str(run_dir),
+        reinit="create_new",
+        settings=wandb.Settings(console="off"),
+    )
+
+
+def log_task(handle, task: int, metrics: dict) -> None:
+    """Log the metrics measured after training task ``task`` (0-based), with ``task`` as step."""
+    if handle is None:
+        return
+    handle.log({"task": task, **metrics}, step=task)
+
+
+def log_report(handle, tables: Mapping[str, Any] | None = None,
+               images: Mapping[str, Path] | None = None) -> None:
+    """Log pandas DataFrames as ``wandb.Table`` and image files (PNG) as ``wandb.Image``."""
+    if handle is None:
+        return
+    import wandb
+
+    payload: dict[str, Any] = {}
+    for key, frame in (tables or {}).items():
+        payload[key] = wandb.Table(dataframe=frame.reset_index(drop=True))
+    for key, path in (images or {}).items():
+        payload[key] = wandb.Image(str(path))
+    if payload:
+        handle.log(payload)
+
+
+def finish(handle) -> None:
+    """Close the run (offline runs are then complete on disk and can be ``wandb sync``-ed)."""
+    if handle is None:
+        return
+    handle.finish()
