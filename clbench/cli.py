@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clbench", description="Continual-learning benchmark harness for pretrained ViTs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("list", help="list methods, benchmarks and backbones")
+    listing = sub.add_parser("list", help="list methods, benchmarks and backbones")
+    listing.add_argument("--plugin", dest="plugins", action="append", default=[],
+                         metavar="FILE", help="also list what a plugin file registers")
 
     run = sub.add_parser("run", help="train methods class-incrementally and write results + report")
     run.add_argument("--methods", type=str, default=None,
@@ -69,7 +71,7 @@ def cmd_list(args) -> int:
 
     for title, registry in (("methods", METHODS), ("benchmarks", BENCHMARKS)):
         print(f"{title}:")
-        for entry in static_entries(registry):
+        for entry in static_entries(registry, args.plugins):
             print(f"  {entry.name:<16} {entry.description}  [{entry.origin}]")
     print("backbones:")
     for spec in BACKBONES.values():

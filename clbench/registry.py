@@ -117,25 +117,35 @@ def load_plugins(specs: list[str]) -> None:
             METHODS._origin = BENCHMARKS._origin = "built-in"
 
 
-def static_entries(registry: Registry) -> list[Entry]:
-    """Built-in and entry-point entries without importing them (``clbench list`` stays instant:
-    importing a method pulls in Avalanche, about 15 s cold)."""
+def _declared_in(path: Path, decorator: str) -> list[tuple[str, str]]:
+    """(name, description) of every ``@decorator("name", "description")`` in a source file."""
     import ast
 
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == decorator
+                and node.args and isinstance(node.args[0], ast.Constant)):
+            description = node.args[1].value if len(node.args) > 1 and isinstance(
+                node.args[1], ast.Constant) else ""
+            found.append((node.args[0].value, description))
+    return found
+
+
+def static_entries(registry: Registry, plugin_files: list[str] = ()) -> list[Entry]:
+    """Entries read from source, without importing (``clbench list`` stays instant: importing a
+    method pulls in Avalanche, about 15 s cold). Entry points are listed by name."""
     decorator = "register_method" if registry is METHODS else "register_benchmark"
     spec = importlib.util.find_spec(registry.package)
     found: dict[str, Entry] = {}
     for folder in spec.submodule_search_locations or []:
         for path in sorted(Path(folder).glob("*.py")):
-            if path.name.startswith("_"):
-                continue
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-                if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == decorator
-                        and node.args and isinstance(node.args[0], ast.Constant)):
-                    description = (node.args[1].value if len(node.args) > 1
-                                   and isinstance(node.args[1], ast.Constant) else "")
-                    name = node.args[0].value
-                    found[name] = Entry(name, object, description, f"built-in ({path.name})")
+            if not path.name.startswith("_"):
+                for name, text in _declared_in(path, decorator):
+                    found[name] = Entry(name, object, text, f"built-in ({path.name})")
     for ep in entry_points(group=registry.package):
-        found.setdefault(ep.name, Entry(ep.name, object, "(installed plugin)", f"entry point {ep.value}"))
+        found.setdefault(ep.name, Entry(ep.name, object, "(installed package)", f"entry point {ep.value}"))
+    for plugin in plugin_files:
+        if plugin.endswith(".py") and Path(plugin).is_file():
+            for name, text in _declared_in(Path(plugin), decorator):
+                found[name] = Entry(name, object, text, f"plugin file {plugin}")
     return [found[n] for n in sorted(found)]

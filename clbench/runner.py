@@ -172,9 +172,12 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
     checkpoint_path = job.out_dir / "checkpoint.pt"
     start = 0
     if checkpoint_path.exists() and results_path.exists():
-        results = read_json(results_path)
         strategy.load_checkpoint(load_checkpoint(checkpoint_path))
         start = strategy.task + 1
+        # Results are written before the checkpoint: a row past the checkpoint is recomputed.
+        results = read_json(results_path)
+        for key in ("correct", "total", "trainable_params", "seconds_per_task", "method_info"):
+            results[key] = results[key][:start]
         log(f"{job.method} seed {job.seed}: resuming after task {start}/{n_tasks}")
 
     tracker = start_tracking(plan, job, config)
@@ -195,8 +198,8 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         results["method_info"].append(strategy.task_info() if hasattr(strategy, "task_info") else {})
         results["metrics"] = summarize(results["correct"], results["total"])
         results["complete"] = task == n_tasks - 1
-        save_checkpoint(checkpoint_path, strategy.checkpoint())
         write_json(results_path, results)
+        save_checkpoint(checkpoint_path, strategy.checkpoint())
         accuracy = pooled_accuracy(correct, total)
         log(f"{job.method} seed {job.seed} | task {task + 1}/{n_tasks} | acc on seen classes "
             f"{accuracy:.2f}% | train {trained - began:.1f}s eval {evaluated - trained:.1f}s")

@@ -1,0 +1,161 @@
+"""The CLI contract: end-to-end run on `digits`, results layout, resume, bad input → exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from clbench.metrics import summarize
+
+RESULT_KEYS = {"method", "benchmark", "seed", "n_tasks", "class_order", "classes_per_task",
+               "correct", "total", "metrics", "trainable_params", "forward_passes_per_image",
+               "seconds_per_task", "split", "complete"}
+
+
+def _results(run_dir, method, seed=1993, tasks=5):
+    path = run_dir / f"digits-{tasks}tasks" / method / f"seed-{seed}" / "results.json"
+    return json.loads(path.read_text())
+
+
+def test_help_and_list_do_not_import_torch():
+    code = textwrap.dedent("""
+        import sys
+        from clbench.cli import main
+        main(["list"])
+        assert "torch" not in sys.modules and "avalanche" not in sys.modules, "heavy import"
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "finetune" in out.stdout and "digits" in out.stdout and "vit-tiny-letters" in out.stdout
+    assert "built-in" in out.stdout
+
+
+def test_run_end_to_end_on_digits(tmp_path, cli, tiny_checkpoint):
+    code, out, err = cli("run", "--methods", "linear-probe,finetune", "--epochs", "1",
+                         "--checkpoint", tiny_checkpoint, "--out", tmp_path, "--name", "e2e",
+                         "--seeds", "1993,1994")
+    assert code == 0, err
+    run_dir = tmp_path / "e2e"
+    for method in ("linear-probe", "finetune"):
+        for seed in (1993, 1994):
+            results = _results(run_dir, method, seed)
+            assert RESULT_KEYS <= set(results)
+            assert results["complete"] and results["n_tasks"] == 5
+            assert results["classes_per_task"] == [2] * 5
+            assert [len(row) for row in results["correct"]] == [1, 2, 3, 4, 5]
+            assert sum(results["total"][-1]) == 540  # 30 % of 1,797 digits
+            assert results["metrics"] == pytest.approx(summarize(results["correct"], results["total"]))
+            config = json.loads((run_dir / "digits-5tasks" / method / f"seed-{seed}" / "config.json").read_text())
+            assert config["backbone"]["tag"] == "vit_tiny_patch16_224"
+            assert len(config["backbone"]["weights_sha256"]) == 64
+            assert config["class_order"] == results["class_order"]
+    assert _results(run_dir, "finetune", 1993)["class_order"] != _results(run_dir, "finetune", 1994)["class_order"]
+    # the frozen backbone trains only the head; full fine-tuning trains everything
+    assert _results(run_dir, "linear-probe")["trainable_params"][0] == 96 * 2 + 2
+    assert _results(run_dir, "finetune")["trainable_params"][0] > 400_000
+    assert "task 5/5" in out and "report:" in out
+    report = out.strip().splitlines()[-1].split("report: ")[1]
+    assert "linear-probe" in open(report).read()
+
+
+def test_killed_run_resumes_to_identical_results(tmp_path, cli, tiny_checkpoint, monkeypatch):
+    args = ["run", "--methods", "finetune", "--epochs", "1", "--checkpoint", tiny_checkpoint,
+            "--out", tmp_path, "--no-report"]
+    assert cli(*args, "--name", "straight")[0] == 0
+
+    from clbench import runner
+
+    real_save = runner.save_checkpoint
+    saves = []
+
+    def save_then_die(path, checkpoint):
+        real_save(path, checkpoint)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    code, _, err = cli(*args, "--name", "killed")
+    assert code == 130 and "--resume" in err
+    assert len(_results(tmp_path / "killed", "finetune")["correct"]) == 2
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+
+    code, out, err = cli("run", "--resume", tmp_path / "killed", "--no-report")
+    assert code == 0, err
+    assert "resuming after task 2/5" in out
+    straight, resumed = _results(tmp_path / "straight", "finetune"), _results(tmp_path / "killed", "finetune")
+    assert resumed["correct"] == straight["correct"] and resumed["complete"]
+
+
+def test_plugin_file_registers_and_runs_a_new_method(tmp_path, cli, tiny_checkpoint):
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(textwrap.dedent('''
+        from clbench.registry import register_method
+        from clbench.methods.finetune import LinearProbe
+
+        @register_method("head-only-plugin", "a linear probe defined outside clbench")
+        class HeadOnly(LinearProbe):
+            pass
+    '''))
+    code, out, _ = cli("list", "--plugin", plugin)
+    assert code == 0 and "head-only-plugin" in out and f"plugin file {plugin}" in out
+    code, out, err = cli("run", "--plugin", plugin, "--methods", "head-only-plugin", "--epochs", "1",
+                         "--tasks", "2", "--checkpoint", tiny_checkpoint, "--out", tmp_path,
+                         "--name", "plug", "--no-report")
+    assert code == 0, err
+    assert _results(tmp_path / "plug", "head-only-plugin", tasks=2)["complete"]
+
+
+def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
+    from clbench import registry
+
+    package = tmp_path / "site"
+    (package / "ep_plugin_pkg").mkdir(parents=True)
+    (package / "ep_plugin_pkg" / "__init__.py").write_text(textwrap.dedent('''
+        from clbench.registry import register_method
+        from clbench.methods.finetune import LinearProbe
+
+        @register_method("entry-point-probe", "installed through an entry point")
+        class EntryPointProbe(LinearProbe):
+            pass
+    '''))
+    dist = package / "ep_plugin_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[clbench.methods]\nentry-point-probe = ep_plugin_pkg\n")
+    monkeypatch.syspath_prepend(str(package))
+    fresh = registry.Registry("method", "clbench.methods")
+    monkeypatch.setattr(registry, "METHODS", fresh)
+    monkeypatch.setattr(registry, "register_method", fresh.register)
+    assert "entry-point-probe" in [e.name for e in registry.static_entries(fresh)]
+    assert fresh.get("entry-point-probe").__name__ == "EntryPointProbe"
+    assert fresh._entries["entry-point-probe"].origin.startswith("entry point")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "sdlroa"], "unknown method 'sdlroa'"),
+    (["--methods", "finetun"], "Did you mean 'finetune'"),
+    (["--bench", "imagenett"], "unknown benchmark 'imagenett'"),
+    (["--set", "finetune.rank=8"], "unknown hyperparameter 'rank' for finetune"),
+    (["--set", "finetune.epochs=two"], "expects int"),
+    (["--set", "nosuchkey=1"], "no method or benchmark in this run"),
+    (["--set", "justtext"], "--set expects key=value"),
+    (["--tasks", "3"], "valid choices: 2, 5, 10"),
+    (["--checkpoint", "/nonexistent/weights.safetensors"], "not found"),
+    (["--resume", "/nonexistent/run"], "no run.json there"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, cli, tmp_path):
+    code, out, err = cli("run", "--methods", "finetune", "--out", tmp_path, *argv)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unreadable_checkpoint_is_a_clear_error(cli, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    code, _, err = cli("run", "--methods", "finetune", "--checkpoint", broken, "--out", tmp_path)
+    assert code == 2 and "cannot load checkpoint" in err and len(err.strip().splitlines()) == 1
