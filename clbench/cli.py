@@ -54,6 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
+    sweep = sub.add_parser("sweep", help="run a methods × benchmarks × tasks × seeds grid with submitit")
+    sweep.add_argument("--methods", required=True, help="comma-separated method names, or 'all'")
+    sweep.add_argument("--bench", type=_csv(str), default=["digits"], help="comma-separated benchmarks")
+    sweep.add_argument("--tasks", type=_csv(int), default=None, help="e.g. 5,10,20 (benchmark default)")
+    sweep.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 1993,1994,1995")
+    sweep.add_argument("--out", default="runs")
+    sweep.add_argument("--name", default=None, help="sweep folder name (default: sweep-<timestamp>)")
+    sweep.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    sweep.add_argument("--slurm-partition", default=None)
+    sweep.add_argument("--gpus-per-run", type=int, default=1)
+    sweep.add_argument("--cpus-per-run", type=int, default=8)
+    sweep.add_argument("--mem-gb", type=int, default=64)
+    sweep.add_argument("--timeout-min", type=int, default=240)
+    sweep.add_argument("--max-parallel", type=int, default=None, help="array parallelism limit")
+    for flag in ("--backbone", "--checkpoint", "--data-dir"):
+        sweep.add_argument(flag, default=None)
+    sweep.add_argument("--epochs", type=int, default=None)
+    sweep.add_argument("--batch-size", type=int, default=None)
+    sweep.add_argument("--lr", type=float, default=None)
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--plugin", dest="plugins", action="append", default=[])
+    sweep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    sweep.add_argument("--workers", type=int, default=0)
+    sweep.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
+    sweep.add_argument("--no-wait", action="store_true", help="submit and return without waiting")
+
+    perf = sub.add_parser("perf", help="measure harness overhead and method costs side by side")
+    perf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    perf.add_argument("--json", default="perf.json", help="where to write the figures")
+    perf.add_argument("--shapes", choices=("tiny", "vit-b16"), default="tiny",
+                      help="model shapes for the per-method timings")
+    perf.add_argument("--repeats", type=int, default=5)
+    perf.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches")
+
     report = sub.add_parser("report", help="comparison tables and plots from run folders")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", default=None, help="report folder (default: reports/<name>)")
@@ -127,7 +161,20 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report}
+def cmd_sweep(args) -> int:
+    from clbench.sweep import run_sweep
+
+    return run_sweep(args)
+
+
+def cmd_perf(args) -> int:
+    from clbench.perf import run_perf
+
+    return run_perf(args)
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report, "sweep": cmd_sweep,
+            "perf": cmd_perf}
 
 
 def main(argv=None) -> int:
