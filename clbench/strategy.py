@@ -254,6 +254,10 @@ class CLStrategy(SupervisedTemplate):
 
 
 def cosine_per_epoch(optimizer, epochs: int):
-    """The per-epoch cosine of the CODA-Prompt / InfLoRA codes: lr·(1 + cos(π·e/E))/2."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1))))
+    """The per-epoch cosine of the CODA-Prompt / InfLoRA codes (utils/schedulers.py
+    ``CosineSchedule``): epoch e of K trains at lr·cos(99π·e / (200·(K−1))), i.e. from lr down to
+    ≈0.016·lr in the last epoch (never 0); K = 1 keeps lr."""
+    def factor(epoch: int) -> float:
+        return math.cos(99 * math.pi * epoch / (200 * (epochs - 1))) if epochs > 1 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
