@@ -1,0 +1,256 @@
+"""InfLoRA: designed down-projections, DualGPM memory, interference, gradients, merged inference."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from clbench import subspace
+from clbench.strategy import CLModel
+from clbench.methods.inflora import InfLoRA, InfLoRAAdapter, official_cosine
+
+DIM = 48
+
+
+@pytest.fixture(scope="module")
+def stream():
+    from clbench.registry import BENCHMARKS
+    from clbench.streams import build_stream
+
+    bench_cls = BENCHMARKS.get("digits")
+    bench = bench_cls(bench_cls.Config())
+    return build_stream(bench.load(16), bench.class_order(1993), 5)
+
+
+class Recording(InfLoRA):
+    """InfLoRA that snapshots its adapters at the task boundaries, for the tests below."""
+
+    def before_task(self, task):
+        self.snap_before = [a.old_delta.clone() for a in self.adapters]
+        self.bases_at_design = [(m.basis.clone(), m.retain) for m in self.memories]
+        super().before_task(task)
+        self.designed = [a.down.clone() for a in self.adapters]
+        self.probe_after_design = self.model_features(self.probe)
+
+    def after_task(self, task):
+        self.trained_old_delta = [a.old_delta.clone() for a in self.adapters]
+        self.trained_down = [a.down.clone() for a in self.adapters]
+        super().after_task(task)
+
+    @torch.no_grad()
+    def model_features(self, x):
+        self.model.eval()
+        out = self.model.features(x)
+        self.model.train()
+        return out
+
+
+def make(stream_, seed=0, **overrides):
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=DIM, depth=2, num_heads=3,
+                            num_classes=0)
+    config = dataclasses.replace(InfLoRA.Config(), **{**InfLoRA.defaults_for("digits", 5),
+                                                       "epochs": 2, **overrides})
+    strategy = Recording(model=CLModel(vit, DIM), config=config, device="cpu", seed=seed)
+    strategy.probe = torch.stack([stream_.train[0].dataset[i][0] for i in range(16)])
+    return strategy
+
+
+@torch.no_grad()
+def layer_inputs(strategy, experience, n=64):
+    """qkv inputs of every adapted layer on ``n`` images of ``experience`` (the current net)."""
+    x = torch.stack([experience.dataset[i][0] for i in range(n)])
+    stored = {}
+    hooks = [a.register_forward_pre_hook(lambda m, inp, i=i: stored.__setitem__(i, inp[0].clone()))
+             for i, a in enumerate(strategy.adapters)]
+    strategy.model_features(x)
+    for h in hooks:
+        h.remove()
+    return [stored[i] for i in range(len(strategy.adapters))]
+
+
+@pytest.fixture(scope="module")
+def two_tasks(stream):
+    strategy = make(stream)
+    strategy.train(stream.train[0])
+    strategy.features_end_task0 = strategy.model_features(strategy.probe)
+    strategy.inputs_task0 = layer_inputs(strategy, stream.train[0])
+    strategy.train(stream.train[1])
+    return strategy
+
+
+# ----------------------------------------------------------------- task boundary
+def test_new_branch_starts_as_identity(two_tasks):
+    s = two_tasks
+    assert all(d.abs().sum() > 0 for d in s.designed)  # the new branch exists ...
+    torch.testing.assert_close(s.probe_after_design, s.features_end_task0, atol=1e-6, rtol=0)
+    # ... and the designed rows are orthonormal up to the official 1/√3
+    for down in s.designed:
+        torch.testing.assert_close(down @ down.T * 3, torch.eye(down.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_down_rows_orthogonal_to_stored_basis_remove_mode(two_tasks):
+    for down, (basis, retain) in zip(two_tasks.designed, two_tasks.bases_at_design):
+        assert not retain and basis.shape[1] >= 1
+        assert (down.double() @ basis).abs().max() < 1e-5
+
+
+def test_down_rows_inside_complement_retain_mode():
+    torch.manual_seed(0)
+    d = 24
+    memory = subspace.LayerMemory(d)
+    spectrum = torch.linspace(1.0, 0.2, d, dtype=torch.float64)  # many directions: k > D/2
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    memory.update(q @ torch.diag(spectrum) @ q.T, eps=0.95)
+    comp = memory.basis
+    assert memory.retain and 3 <= comp.shape[1] <= d // 2
+    # the implied protected space (the task's leading directions) is orthogonal to it
+    assert (q[:, : d - comp.shape[1]].T @ comp).abs().max() < 1e-8
+    a = torch.randn(d, 3 * d, dtype=torch.float64)
+    down = subspace.design_down(a @ a.T, memory.projection_basis(), memory.retain, rank=3,
+                                scale=3**-0.5)
+    assert (down - down @ comp @ comp.T).abs().max() < 1e-5
+    assert (comp.T @ comp - torch.eye(comp.shape[1], dtype=comp.dtype)).abs().max() < 1e-8
+
+
+def test_old_task_layer_outputs_move_far_less_than_unconstrained_lora(stream):
+    """Per layer, ‖Δ(k,v)‖/‖(k,v)‖ on stored task-0 inputs h after training task 1: InfLoRA vs
+    the same training with an unprojected design (a data-aligned, unconstrained LoRA branch).
+    λ_b close to 1 because the random tiny ViT's token spectrum is flat: the default threshold
+    protects only ~60% of its input energy (the official energy criterion)."""
+    drift = {}
+    for project in (True, False):
+        s = make(stream, project=project, lambda_b=0.99999, lr=1e-2)
+        s.train(stream.train[0])
+        inputs = layer_inputs(s, stream.train[0])
+        protected = [h @ (m.basis @ m.basis.T).float() for h, m in zip(inputs, s.memories)]
+        before = [a.eval()(h) for a, h in zip(s.adapters * 2, inputs + protected)]
+        s.train(stream.train[1])
+        after = [a.eval()(h) for a, h in zip(s.adapters * 2, inputs + protected)]
+        change = [float((y1 - y0)[..., DIM:].norm() / y0[..., DIM:].norm())
+                  for y0, y1 in zip(before, after)]
+        drift[project] = max(change[: len(inputs)])
+        if project:  # on the stored subspace itself the new branch is exactly silent
+            assert max(change[len(inputs):]) < 1e-5
+    assert drift[False] > 0.1  # the unconstrained branch does change old outputs
+    assert drift[True] < 0.25 * drift[False], drift
+
+
+# ----------------------------------------------------------------- training
+def test_only_current_up_projections_and_head_train(two_tasks, stream):
+    s = two_tasks
+    trainable = {id(p) for p in s.model.parameters() if p.requires_grad}
+    expected = {id(p) for a in s.adapters for p in (a.up_k, a.up_v)}
+    expected |= {id(p) for p in s.model.head.parameters()}
+    assert trainable == expected
+    # frozen tensors of task 1 stayed as designed / as folded after task 0
+    for a, designed, trained in zip(s.adapters, s.designed, s.trained_down):
+        assert torch.equal(designed, trained)
+    for before, trained in zip(s.snap_before, s.trained_old_delta):
+        assert torch.equal(before, trained)
+    # one backward: gradients reach the up-projections and the current head rows only
+    x, y = s.probe, torch.full((16,), s.known_classes)
+    s.model.train()
+    s.model.zero_grad()
+    torch.nn.functional.cross_entropy(s.model(x)[:, s.known_classes:], y - s.known_classes).backward()
+    assert all(p.grad is None for n, p in s.model.backbone.named_parameters()
+               if "up_" not in n)
+    assert all(a.up_k.grad.abs().sum() > 0 for a in s.adapters)
+    assert s.model.head.fc.weight.grad[: s.known_classes].abs().sum() == 0
+    assert s.model.head.fc.weight.grad[s.known_classes:].abs().sum() > 0
+
+
+def test_official_cosine_schedule():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, lrs = official_cosine(opt, 5), []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 1.0 and abs(lrs[-1] - 0.0157) < 1e-3  # cos(99π/200)
+
+
+# ----------------------------------------------------------------- memory
+def test_threshold_schedule(stream):
+    assert subspace.threshold(0.95, 1.0, 0, 10) == 0.95
+    assert abs(subspace.threshold(0.95, 1.0, 9, 10) - 0.995) < 1e-12
+    assert abs(subspace.threshold(0.98, 1.0, 4, 5) - 0.996) < 1e-12
+
+
+def test_energy_uses_squared_singular_values_of_the_second_moment():
+    s = torch.diag(torch.tensor([3.0, 2.0, 1.0, 1.0], dtype=torch.float64))
+    # shares of σ(S)²: 9/15, 13/15, 14/15, 1 → 2 below 0.9 (σ(S) itself would give 3)
+    assert subspace.first_basis(s, 0.9).shape[1] == 2
+    # remove mode with e1 stored: captured 9/15, +4/15 (<0.9), +1/15 → 2 new directions
+    e1 = torch.eye(4, dtype=torch.float64)[:, :1]
+    grown = subspace.extend_basis(s, e1, 0.9)
+    assert grown.shape[1] == 3 and torch.allclose(grown[:, 0], e1[:, 0])
+
+
+def test_dual_memory_bounded_by_half_and_monotone_in_remove_mode():
+    torch.manual_seed(1)
+    d = 24
+    memory, previous, switched = subspace.LayerMemory(d), 0, False
+    for task in range(10):
+        a = torch.randn(d, 4, dtype=torch.float64) * torch.rand(4, dtype=torch.float64) * 3
+        s = a @ a.T + 1e-3 * torch.eye(d, dtype=torch.float64)
+        memory.update(s, subspace.threshold(0.95, 1.0, task, 10))
+        assert memory.basis.shape[1] <= d // 2
+        basis = memory.basis
+        assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=basis.dtype),
+                              atol=1e-8)
+        if not memory.retain:
+            assert basis.shape[1] >= previous
+            previous = basis.shape[1]
+        elif switched:  # complement only shrinks in retain mode
+            assert basis.shape[1] <= previous
+            previous = basis.shape[1]
+        else:
+            switched, previous = True, basis.shape[1]
+    assert switched
+    gpm = subspace.LayerMemory(d, dual=False)
+    for task in range(10):
+        a = torch.randn(d, 4, dtype=torch.float64)
+        gpm.update(a @ a.T, 0.95)
+    assert not gpm.retain and gpm.basis.shape[1] > d // 2
+
+
+def test_strategy_records_schedule_and_bounded_bases(two_tasks):
+    info = two_tasks.task_info()
+    assert abs(info["threshold"] - subspace.threshold(0.95, 1.0, 1, 5)) < 1e-12
+    assert all(1 <= k <= DIM // 2 for k in info["basis_dims"])
+
+
+# ----------------------------------------------------------------- inference and resume
+def test_merged_inference_equals_branch_sum():
+    torch.manual_seed(0)
+    qkv = torch.nn.Linear(DIM, 3 * DIM)
+    adapter = InfLoRAAdapter(qkv, rank=4)
+    x = torch.randn(2, 5, DIM)
+    with torch.no_grad():
+        for _ in range(2):  # one finished (folded) task and one in progress
+            adapter.start_task(torch.randn(4, DIM))
+            adapter.up_k.normal_()
+            adapter.up_v.normal_()
+            branch_sum = adapter.train()(x)
+            merged = adapter.eval()(x)
+            torch.testing.assert_close(merged, branch_sum, atol=1e-5, rtol=1e-5)
+            explicit = qkv(x) + torch.cat([torch.zeros(2, 5, DIM),
+                                           adapter.slice_delta(x, "k"), adapter.slice_delta(x, "v")], -1)
+            torch.testing.assert_close(merged, explicit, atol=1e-5, rtol=1e-5)
+            adapter.fold()
+            torch.testing.assert_close(adapter.train()(x), branch_sum, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_restores_model_and_memory(two_tasks, stream):
+    s = two_tasks
+    state = s.checkpoint()
+    fresh = make(stream)  # same pretrained backbone (checkpoints omit it), no tasks learnt
+    assert not torch.allclose(fresh.model_features(s.probe), s.model_features(s.probe))
+    fresh.load_checkpoint(state)
+    torch.testing.assert_close(fresh.model_features(s.probe), s.model_features(s.probe))
+    for m0, m1 in zip(s.memories, fresh.memories):
+        assert torch.equal(m0.basis, m1.basis) and m0.retain == m1.retain
+    assert fresh.task == 1 and fresh.task_info() == s.task_info()
