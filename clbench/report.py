@@ -50,7 +50,8 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "avg_inc_acc": ("Avg. inc. acc (%) ↑", r"Avg.\ inc.\ acc (\%) $\uparrow$", True),
     "forgetting": ("Forgetting (%) ↓", r"Forgetting (\%) $\downarrow$", False),
     "bwt": ("BWT (%) ↑", r"BWT (\%) $\uparrow$", True),
-    "final_task_mean_acc": ("Final task-mean acc (%) ↑", r"Final task-mean acc (\%) $\uparrow$", True),
+    "final_task_mean_acc": ("Final task-mean acc (%) ↑",
+                            r"Final task-mean acc (\%) $\uparrow$", True),
 }
 DEFAULT_METRICS = ["final_acc", "avg_inc_acc", "forgetting", "bwt"]
 _METRIC_ALIASES = {
@@ -154,7 +155,8 @@ def load_run(path: Path) -> Run:
     correct, total = data["correct"], data["total"]
     n_tasks = int(data["n_tasks"])
     if len(correct) != len(total) or len(correct) > n_tasks:
-        raise UsageError(f"{path}: 'correct' and 'total' need the same number of rows (≤ n_tasks)")
+        raise UsageError(f"{path}: 'correct' and 'total' need the same number of rows "
+                         "(at most n_tasks)")
     for i, (rc, rt) in enumerate(zip(correct, total)):
         if len(rc) < i + 1 or len(rt) < i + 1:
             raise UsageError(f"{path}: row {i} of the counts needs {i + 1} entries")
@@ -196,7 +198,8 @@ def load_run(path: Path) -> Run:
     return Run(
         path=path, method=str(data["method"]), benchmark=str(data["benchmark"]),
         n_tasks=n_tasks, seed=int(data["seed"]),
-        protocol=str(split.get("protocol", "unknown")), split_hash=str(split.get("hash", "unknown")),
+        protocol=str(split.get("protocol", "unknown")),
+        split_hash=str(split.get("hash", "unknown")),
         class_order=tuple(int(c) for c in data.get("class_order") or ()), complete=complete,
         correct=correct, total=total, metrics=recomputed, curve=curve, acc=acc,
         task_forgetting=per_task_forgetting(acc) if acc else [],
@@ -376,7 +379,8 @@ def resolve_metrics(metrics: Sequence[str] | None) -> list[str]:
                 continue
             key = _METRIC_ALIASES.get(key, key)
             if key not in METRICS:
-                raise UsageError(f"unknown metric {name.strip()!r}: use one of {', '.join(METRICS)}")
+                raise UsageError(f"unknown metric {name.strip()!r}: "
+                                 f"use one of {', '.join(METRICS)}")
             if key not in out:
                 out.append(key)
     if not out:
@@ -571,12 +575,11 @@ def display_frame(gdf, metrics: Sequence[str], style: _Style, paper: bool):
 
 def _footnote(metrics: Sequence[str], paper: bool, tex: bool) -> str:
     if tex:
-        pm, mark, bold, lt, delta, arrow, minus, pct = (
+        pm, mark, bold, lt, delta, arrow, minus = (
             r"$\pm$", r"$^{\dagger}$", r"\textbf{bold}", "$<$", r"$\Delta$", r"$\rightarrow$",
-            "$-$", r"\%")
+            "$-$")
     else:
-        pm, mark, bold, lt, delta, arrow, minus, pct = ("±", "†", "**bold**", "<", "Δ", "→",
-                                                         "−", "%")
+        pm, mark, bold, lt, delta, arrow, minus = ("±", "†", "**bold**", "<", "Δ", "→", "−")
     text = (f"Mean {pm} sample standard deviation (ddof = 1) over seeds (mean only with one seed). "
             f"{bold}: best value of the column (cost columns: lowest). "
             f"{mark}: significantly different from the best method of the column, "
@@ -593,8 +596,10 @@ def _footnote(metrics: Sequence[str], paper: bool, tex: bool) -> str:
     return text
 
 
-def _markdown(frame) -> str:
-    return frame.to_markdown(index=False, disable_numparse=True)
+def _markdown(frame, left: int = 1) -> str:
+    """Markdown via tabulate: the first ``left`` columns left-aligned, the rest right-aligned."""
+    align = ["left"] * left + ["right"] * (frame.shape[1] - left)
+    return frame.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
 def _latex(frame, caption: str, label: str, note: str) -> str:
@@ -632,6 +637,13 @@ def _figure(**kw):
     return fig
 
 
+def _integer_ticks(ax, n: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=min(n, 10), integer=True))
+    ax.set_xlim(0.5, n + 0.5)
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = min(n, 3)
     return (n + cols - 1) // cols, cols
@@ -641,7 +653,8 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]) ->
     import numpy as np
 
     nrows, ncols = _grid(len(groups))
-    fig = _figure(figsize=(5.2 * ncols, 4.0 * nrows), dpi=150, layout="constrained")
+    fig = _figure(figsize=(max(8.5, 5.5 * ncols + 2.0), 4.0 * nrows + 0.6), dpi=150,
+                  layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     handles: dict[str, Any] = {}
     for ax, g in zip(axes, groups):
@@ -658,11 +671,11 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]) ->
         ax.set_title(g.label, fontsize=10)
         ax.set_xlabel("number of tasks learned")
         ax.set_ylabel("accuracy on seen classes (%)")
-        ax.set_xticks(x if g.n_tasks <= 20 else x[:: max(1, g.n_tasks // 10)])
+        _integer_ticks(ax, g.n_tasks)
         ax.grid(alpha=0.3)
     for ax in axes[len(groups):]:
         ax.set_visible(False)
-    fig.suptitle("Accuracy on all seen classes after each task (mean ± std over seeds)")
+    fig.suptitle("Accuracy on all seen classes after each task\n(mean ± std over seeds)")
     fig.legend([handles[k] for k in sorted(handles)], sorted(handles), loc="outside right upper",
                title="method")
     for path in paths:
@@ -683,16 +696,17 @@ def plot_acc_matrix(group: Group, label: str, runs: Sequence[Run], color: Any,
     fig = _figure(figsize=(size + 1.0, size), dpi=150, layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis", vmin=0, vmax=100)
-    font = max(4.0, min(10.0, 90.0 / t))
+    font = max(5.0, min(10.0, 160.0 / t))
+    digits = 1 if t < 15 else 0
     for i in range(t):
         for j in range(i + 1):
             v = mean[i, j]
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=font,
+            ax.text(j, i, f"{v:.{digits}f}", ha="center", va="center", fontsize=font,
                     color="white" if v < 60 else "black")
     ticks = np.arange(t)
     ax.set_xticks(ticks, [str(k + 1) for k in ticks])
     ax.set_yticks(ticks, [str(k + 1) for k in ticks])
-    ax.tick_params(labelsize=max(5.0, min(9.0, 120.0 / t)))
+    ax.tick_params(labelsize=max(6.0, min(10.0, 200.0 / t)))
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("after training task i")
     for spine in ax.spines.values():
@@ -709,7 +723,10 @@ def plot_forgetting(groups: list[Group], colors: dict, path: Path) -> None:
     import numpy as np
 
     nrows, ncols = _grid(len(groups))
-    fig = _figure(figsize=(5.8 * ncols, 4.0 * nrows), dpi=150, layout="constrained")
+    widest = max((g.n_tasks - 1) * len(g.by_label()) for g in groups)
+    width = max(6.0, min(16.0, 0.12 * widest + 3.0))
+    fig = _figure(figsize=(max(8.5, width * ncols + 2.0), 4.0 * nrows + 0.6), dpi=150,
+                  layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     handles: dict[str, Any] = {}
     for ax, g in zip(axes, groups):
@@ -730,13 +747,13 @@ def plot_forgetting(groups: list[Group], colors: dict, path: Path) -> None:
                           color=colors[label], label=label, capsize=2 if std is not None else 0,
                           error_kw={"linewidth": 0.8})
             handles.setdefault(label, bars)
-        ax.set_xticks(x if g.n_tasks <= 21 else x[:: max(1, g.n_tasks // 10)])
+        _integer_ticks(ax, g.n_tasks - 1)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
     for ax in axes[len(groups):]:
         ax.set_visible(False)
     fig.suptitle("Per-task forgetting: best accuracy before the last task − final accuracy\n"
-                 "(mean over seeds, error bars ± std)")
+                 "(mean ± std over seeds)")
     if handles:
         fig.legend([handles[k] for k in sorted(handles)], sorted(handles),
                    loc="outside right upper", title="method")
@@ -836,7 +853,7 @@ def _write_figures(groups: list[Group], out: Path) -> dict[str, Path]:
     several = len(groups) > 1
     for g in groups:
         for label, seeds in g.by_label().items():
-            stem = f"acc_matrix_{g.slug}_{_slug(label)}" if several else f"acc_matrix_{_slug(label)}"
+            stem = "acc_matrix_" + (f"{g.slug}_" if several else "") + _slug(label)
             path = out / f"{stem}.png"
             plot_acc_matrix(g, label, list(seeds.values()), colors[label], path)
             files[stem] = path
@@ -858,7 +875,6 @@ def _summary_markdown(name, run_dirs, runs, grouping, table, incomplete, metric_
         lines += ["## Warnings", ""] + [f"- **Warning:** {w}" for w in grouping.warnings] + [""]
     if grouping.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in grouping.notes] + [""]
-    footnote = _footnote(metric_keys, paper, tex=False)
     for g in grouping.groups:
         gdf = table[table["group"] == g.label]
         show_paper = paper and any(
@@ -871,7 +887,7 @@ def _summary_markdown(name, run_dirs, runs, grouping, table, incomplete, metric_
                   f"Seeds: {', '.join(map(str, seeds))}; backbone: {', '.join(backbones)}; "
                   f"split hash: {', '.join(h[:12] for h in hashes)}.", "",
                   _markdown(display_frame(gdf, metric_keys, _MD, show_paper)), "",
-                  f"*{footnote}*"]
+                  f"*{_footnote(metric_keys, show_paper, tex=False)}*"]
         if show_paper:
             sources = sorted({s for s in gdf["paper_source"] if s})
             lines.append(f"*Published numbers from: {'; '.join(sources)}.*")
@@ -890,7 +906,7 @@ def _summary_markdown(name, run_dirs, runs, grouping, table, incomplete, metric_
         for col in ("Acc after last done task (%)", "Avg. inc. acc so far (%)"):
             shown[col] = [_MD.missing if math.isnan(v) else _num(v) for v in shown[col]]
         lines += ["## Incomplete runs (not included in the tables and figures)", "",
-                  _markdown(shown.astype(str)), ""]
+                  _markdown(shown.astype(str), left=2), ""]
     if figures:
         lines += ["## Figures", ""]
         for key, path in figures.items():
@@ -901,13 +917,13 @@ def _summary_markdown(name, run_dirs, runs, grouping, table, incomplete, metric_
 
 def _summary_latex(grouping, table, metric_keys, paper) -> str:
     parts = ["% Generated by clbench report. Needs \\usepackage{booktabs}.", ""]
-    note = _footnote(metric_keys, paper, tex=True)
     for g in grouping.groups:
         gdf = table[table["group"] == g.label]
         show_paper = paper and any(
             not math.isnan(v) for m in PAPER_METRICS if f"paper_{m}" in gdf
             for v in gdf[f"paper_{m}"])
         frame = display_frame(gdf, metric_keys, _TEX, show_paper)
+        note = _footnote(metric_keys, show_paper, tex=True)
         parts += [_latex(frame, caption=_tex_escape(g.label), label=f"tab:{g.slug}", note=note),
                   ""]
     return "\n".join(parts)

@@ -1,0 +1,452 @@
+"""Tests for clbench.report and clbench.tracking on synthetic results files with known numbers."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+pd = pytest.importorskip("pandas")
+pytest.importorskip("matplotlib")
+pytest.importorskip("scipy")
+
+from clbench import metrics as M  # noqa: E402
+from clbench import report, tracking  # noqa: E402
+from clbench.errors import UsageError  # noqa: E402
+
+TOTAL = 200  # test samples per task: accuracies in steps of 0.5 %
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def write_results(root: Path, method: str, seed: int, acc: list[list[float]], *,
+                  benchmark: str = "imagenet-r", n_tasks: int | None = None,
+                  split_hash: str = "hash-a", protocol: str = "sdlora",
+                  class_order: list[int] | None = None, complete: bool | None = None,
+                  totals: list[int] | None = None, stored_metrics: dict | None = None,
+                  params: list[int] | None = None, train_s: float = 10.0,
+                  hparams: dict | None = None) -> Path:
+    """Write ``<root>/<benchmark>-<n>tasks/<method>/seed-<k>/{config,results}.json``.
+
+    ``acc[i][j]`` is the accuracy (%) on task j after task i; counts are built from it with
+    ``totals[j]`` test samples per task (default 200 each)."""
+    rows = len(acc)
+    n_tasks = n_tasks or rows
+    totals = totals or [TOTAL] * n_tasks
+    correct = [[round(acc[i][j] * totals[j] / 100) for j in range(i + 1)] for i in range(rows)]
+    total = [[totals[j] for j in range(i + 1)] for i in range(rows)]
+    run = root / f"{benchmark}-{n_tasks}tasks" / method / f"seed-{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    order = class_order if class_order is not None else [(c + seed) % (2 * n_tasks)
+                                                         for c in range(2 * n_tasks)]
+    data = {
+        "method": method, "benchmark": benchmark, "seed": seed, "n_tasks": n_tasks,
+        "class_order": order, "classes_per_task": [2] * n_tasks,
+        "correct": correct, "total": total,
+        "metrics": stored_metrics if stored_metrics is not None
+        else (M.summarize(correct, total) if rows else {}),
+        "trainable_params": params or [1000 * (k + 1) for k in range(rows)],
+        "forward_passes_per_image": 1,
+        "seconds_per_task": [{"train": train_s, "eval": 1.0} for _ in range(rows)],
+        "split": {"protocol": protocol, "hash": split_hash},
+        "complete": (rows == n_tasks) if complete is None else complete,
+    }
+    (run / "results.json").write_text(json.dumps(data))
+    config = {"method": method, "benchmark": benchmark, "seed": seed,
+              "hparams": hparams or {"lr": 0.01}, "backbone": {"name": "vit_tiny", "tag": "t"}}
+    (run / "config.json").write_text(json.dumps(config))
+    return run
+
+
+def mat3(final_first: float, *, diag=(95.0, 94.0, 93.0), mid=90.0, final_rest=(88.0,)):
+    """3-task accuracy matrix whose last row starts with ``final_first``."""
+    return [[diag[0]], [mid, diag[1]], [final_first, *final_rest, diag[2]]]
+
+
+def final_mean(acc):  # pooled accuracy with equal test-set sizes = plain mean of the last row
+    return sum(acc[-1]) / len(acc[-1])
+
+
+# A: best; B: clearly worse on every seed; C: nearly equal to A (slightly lower mean).
+A_FIRST = {0: 85.0, 1: 86.0, 2: 87.0}
+B_FIRST = {0: 60.0, 1: 62.0, 2: 61.0}
+C_FIRST = {0: 84.0, 1: 84.0, 2: 87.0}  # A - C: 1, 2, 0 -> p ~ 0.23
+
+
+def abc_runs(root: Path) -> Path:
+    for seed in range(3):
+        write_results(root, "sdlora", seed, mat3(A_FIRST[seed]), params=[500, 700, 900],
+                      train_s=20.0)
+        write_results(root, "l2p", seed, mat3(B_FIRST[seed]), train_s=5.0)
+        write_results(root, "inflora", seed, mat3(C_FIRST[seed]), train_s=30.0)
+    # D: a single seed only, clearly worse: never tested for significance.
+    write_results(root, "dualprompt", 0, mat3(50.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def abc_report(tmp_path_factory):
+    root = abc_runs(tmp_path_factory.mktemp("runs"))
+    out = tmp_path_factory.mktemp("report")
+    path = report.write_report([root], out_dir=out, name="abc")
+    return path, pd.read_csv(path / "summary.csv").set_index("row")
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------
+
+def test_mean_std_and_seed_count(abc_report):
+    _, df = abc_report
+    for method, firsts in (("sdlora", A_FIRST), ("l2p", B_FIRST), ("inflora", C_FIRST)):
+        finals = [final_mean(mat3(firsts[s])) for s in range(3)]
+        assert df.loc[method, "final_acc_mean"] == pytest.approx(statistics.fmean(finals))
+        assert df.loc[method, "final_acc_std"] == pytest.approx(statistics.stdev(finals))
+        assert df.loc[method, "n_seeds"] == 3
+    # one seed: mean only, std empty
+    assert df.loc["dualprompt", "n_seeds"] == 1
+    assert math.isnan(df.loc["dualprompt", "final_acc_std"])
+    assert df.loc["dualprompt", "final_acc_mean"] == pytest.approx(final_mean(mat3(50.0)))
+    # AAA: mean over the accuracy curve; forgetting of A seed 0 = ((95-85) + (94-88)) / 2
+    curve = [95.0, (90 + 94) / 2, final_mean(mat3(85.0))]
+    aaa = [statistics.fmean([95.0, 92.0, final_mean(mat3(A_FIRST[s]))]) for s in range(3)]
+    assert statistics.fmean(curve) == pytest.approx(aaa[0])
+    assert df.loc["sdlora", "avg_inc_acc_mean"] == pytest.approx(statistics.fmean(aaa))
+    fgt = [((95 - A_FIRST[s]) + (94 - 88)) / 2 for s in range(3)]
+    assert df.loc["sdlora", "forgetting_mean"] == pytest.approx(statistics.fmean(fgt))
+    assert df.loc["sdlora", "bwt_mean"] == pytest.approx(-statistics.fmean(fgt))
+    # costs: params mean over tasks / at the last task, total train seconds
+    assert df.loc["sdlora", "trainable_params_mean"] == pytest.approx(700)
+    assert df.loc["sdlora", "trainable_params_last"] == pytest.approx(900)
+    assert df.loc["sdlora", "train_seconds"] == pytest.approx(60.0)
+    assert df.loc["l2p", "forward_passes_per_image"] == 1
+
+
+def test_bold_marks_best_per_column(abc_report):
+    path, df = abc_report
+    assert bool(df.loc["sdlora", "final_acc_best"])
+    assert not df.loc[["l2p", "inflora", "dualprompt"], "final_acc_best"].any()
+    # lower is better for forgetting: A forgets least (C a bit more, B and D much more)
+    assert df["forgetting_mean"].idxmin() == "sdlora"
+    assert bool(df.loc["sdlora", "forgetting_best"])
+    assert df["forgetting_best"].sum() == 1
+
+    md = (path / "summary.md").read_text()
+    a = f"{df.loc['sdlora', 'final_acc_mean']:.2f} ± {df.loc['sdlora', 'final_acc_std']:.2f}"
+    b = f"{df.loc['l2p', 'final_acc_mean']:.2f} ± {df.loc['l2p', 'final_acc_std']:.2f}"
+    assert f"**{a}**" in md
+    assert b in md and f"**{b}" not in md
+    tex = (path / "summary.tex").read_text()
+    assert "\\textbf{" + a.replace(" ± ", " $\\pm$ ") + "}" in tex
+    assert "\\textbf{" + b.replace(" ± ", " $\\pm$ ") not in tex
+    # cheapest train time (l2p, 15 s) is bold, the others are not
+    row_l2p = next(line for line in md.splitlines() if line.startswith("| l2p"))
+    row_a = next(line for line in md.splitlines() if line.startswith("| sdlora"))
+    assert "**15.0**" in row_l2p and "**60.0**" not in row_a
+
+
+def test_significance_marks_only_where_due(abc_report):
+    path, df = abc_report
+    # B is worse than A on every shared seed: significant
+    assert df.loc["l2p", "final_acc_p_vs_best"] < 0.05
+    assert bool(df.loc["l2p", "final_acc_sig"])
+    # C is nearly equal to A: not significant
+    assert df.loc["inflora", "final_acc_p_vs_best"] > 0.05
+    assert not df.loc["inflora", "final_acc_sig"]
+    # D has one seed: never tested; the best method is not tested against itself
+    assert math.isnan(df.loc["dualprompt", "final_acc_p_vs_best"])
+    assert not df.loc["dualprompt", "final_acc_sig"]
+    assert math.isnan(df.loc["sdlora", "final_acc_p_vs_best"])
+
+    md_rows = {line.split("|")[1].strip(): line for line in
+               (path / "summary.md").read_text().splitlines() if line.startswith("| ")}
+    final_col = 3  # | Method | Seeds | Final acc | ...
+    assert md_rows["l2p"].split("|")[final_col].strip().endswith("†")
+    for name in ("sdlora", "inflora", "dualprompt"):
+        assert "†" not in md_rows[name].split("|")[final_col]
+    md = (path / "summary.md").read_text()
+    assert "ttest_rel" in md and "paired t-test" in md
+    tex = (path / "summary.tex").read_text()
+    assert "$^{\\dagger}$" in tex and "ttest" in tex
+
+
+def test_csv_round_trips(abc_report, tmp_path):
+    path, df = abc_report
+    root = abc_runs(tmp_path / "again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", report.ReportWarning)
+        frame = report.summary_frame(report.group_runs(report.load_runs([root])),
+                                     report.DEFAULT_METRICS).set_index("row")
+    assert sorted(frame.index) == sorted(df.index)
+    for col in frame.columns:
+        if col in ("group", "split_protocol", "split_hash", "benchmark", "method", "seeds"):
+            assert list(frame.loc[df.index, col].astype(str)) == list(df[col].astype(str))
+            continue
+        ours = pd.to_numeric(frame.loc[df.index, col]).astype(float).to_numpy()
+        back = pd.to_numeric(df[col]).astype(float).to_numpy()
+        assert ((abs(ours - back) < 1e-9) | (pd.isna(ours) & pd.isna(back))).all(), col
+    assert pd.api.types.is_float_dtype(df["final_acc_mean"])
+    assert pd.api.types.is_float_dtype(df["final_acc_std"])
+    assert pd.api.types.is_integer_dtype(df["n_seeds"])
+
+
+def test_figures_written(abc_report):
+    from PIL import Image
+
+    path, df = abc_report
+    names = ["acc_curve.png", "forgetting.png"] + [f"acc_matrix_{m}.png" for m in df.index]
+    for name in names:
+        file = path / name
+        assert file.stat().st_size > 5000, name
+        with Image.open(file) as img:
+            assert img.format == "PNG"
+            assert img.width >= 600 and img.height >= 450, (name, img.size)
+            assert round(img.info["dpi"][0]) >= 150
+    svg = (path / "acc_curve.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "number of tasks learned" in svg  # axis label present
+
+
+def test_per_task_forgetting_matches_metric():
+    acc = [[80.0], [90.0, 94.0], [70.0, 88.0, 93.0]]  # task 1 improves after task 2 (backward)
+    per_task = report.per_task_forgetting(acc)
+    assert per_task == [90.0 - 70.0, 94.0 - 88.0]  # max over i in [j, T-2], not acc[j][j]
+    correct = [[round(a * 2) for a in row] for row in acc]
+    total = [[200] * len(row) for row in acc]
+    assert statistics.fmean(per_task) == pytest.approx(M.forgetting(correct, total))
+
+
+def test_metrics_recomputed_from_counts_not_file(tmp_path):
+    # unequal test sets: pooled accuracy differs from the task mean; stored numbers are wrong
+    acc = [[100.0], [50.0, 100.0]]
+    write_results(tmp_path / "runs", "sdlora", 0, acc, totals=[100, 300],
+                  stored_metrics={"final_acc": 1.0, "avg_inc_acc": 1.0})
+    with pytest.warns(report.ReportWarning, match="recomputed"):
+        out = report.write_report([tmp_path / "runs"], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv")
+    assert df.loc[0, "final_acc_mean"] == pytest.approx(100 * (50 + 300) / 400)
+
+
+# ---------------------------------------------------------------------------------------------
+# safety: incompatible and incomplete runs
+# ---------------------------------------------------------------------------------------------
+
+def test_different_split_hash_warns_and_separates(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_results(root, "sdlora", seed, mat3(85.0 + seed), split_hash="hash-a")
+        write_results(root, "l2p", seed, mat3(60.0 + seed), split_hash="hash-b")
+    with pytest.warns(report.ReportWarning, match="different data splits"):
+        out = report.write_report([root], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv")
+    assert df["group"].nunique() == 2
+    assert set(df.groupby("group")["split_hash"].nunique()) == {1}
+    assert not df["final_acc_sig"].any()  # nothing compared across the splits
+    md = (out / "summary.md").read_text()
+    assert "**Warning:**" in md and "different data splits" in md
+    # one matrix per group and method
+    assert len(list(out.glob("acc_matrix_*.png"))) == 2
+
+
+def test_same_split_compatible_runs_do_not_warn(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_results(root, "sdlora", seed, mat3(85.0 + seed))
+        write_results(root, "l2p", seed, mat3(60.0 + seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = report.write_report([root], out_dir=tmp_path / "rep")
+    assert pd.read_csv(out / "summary.csv")["group"].nunique() == 1
+    assert "Warning" not in (out / "summary.md").read_text()
+
+
+def test_different_class_order_same_seed_warns(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0), class_order=[0, 1, 2, 3, 4, 5])
+    write_results(root, "l2p", 0, mat3(60.0), class_order=[5, 4, 3, 2, 1, 0])
+    with pytest.warns(report.ReportWarning, match="different class orders"):
+        out = report.write_report([root], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv")
+    assert df["group"].nunique() == 2
+    assert "different class orders" in (out / "summary.md").read_text()
+
+
+def test_partial_run_is_not_averaged(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    write_results(root, "sdlora", 1, mat3(87.0))
+    # killed after 2 of 3 tasks, with numbers that would move the mean a lot
+    write_results(root, "sdlora", 2, [[20.0], [10.0, 20.0]], n_tasks=3, complete=False)
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv")
+    assert len(df) == 1
+    assert df.loc[0, "n_seeds"] == 2
+    assert df.loc[0, "seeds"] == "0 1"
+    expected = statistics.fmean([final_mean(mat3(85.0)), final_mean(mat3(87.0))])
+    assert df.loc[0, "final_acc_mean"] == pytest.approx(expected)
+    inc = pd.read_csv(out / "incomplete_runs.csv")
+    assert list(inc["seed"]) == [2] and list(inc["tasks_done"]) == [2]
+    assert inc.loc[0, "acc_after_last_done_task"] == pytest.approx(15.0)
+    md = (out / "summary.md").read_text()
+    assert "## Incomplete runs" in md and "seed-2" in md
+
+
+def test_run_marked_complete_but_short_is_incomplete(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    write_results(root, "sdlora", 1, [[20.0]], n_tasks=3, complete=True)
+    with pytest.warns(report.ReportWarning, match="treated as incomplete"):
+        out = report.write_report([root], out_dir=tmp_path / "rep")
+    assert pd.read_csv(out / "summary.csv").loc[0, "n_seeds"] == 1
+    assert len(pd.read_csv(out / "incomplete_runs.csv")) == 1
+
+
+def test_hparam_variants_are_separate_rows(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root / "a", "sdlora", 0, mat3(85.0), hparams={"lr": 0.01})
+    write_results(root / "b", "sdlora", 0, mat3(70.0), hparams={"lr": 0.1})
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    rows = sorted(pd.read_csv(out / "summary.csv")["row"])
+    assert rows == ["sdlora [lr=0.01]", "sdlora [lr=0.1]"]
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+
+def test_metric_selection_and_errors(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    out = report.write_report([root], out_dir=tmp_path / "rep", metrics=["final_acc,bwt"])
+    cols = pd.read_csv(out / "summary.csv").columns
+    assert "final_acc_mean" in cols and "bwt_mean" in cols and "avg_inc_acc_mean" not in cols
+    with pytest.raises(UsageError, match="unknown metric"):
+        report.write_report([root], out_dir=tmp_path / "rep2", metrics=["accuracy"])
+    with pytest.raises(UsageError, match="no results.json"):
+        report.write_report([tmp_path / "rep"], out_dir=tmp_path / "rep3")
+
+
+def test_default_out_dir_and_name(tmp_path, monkeypatch):
+    root = tmp_path / "my-sweep"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    monkeypatch.chdir(tmp_path)
+    out = report.write_report([root])
+    assert out == Path("reports") / "my-sweep"
+    assert (tmp_path / "reports" / "my-sweep" / "summary.md").read_text().startswith(
+        "# Report: my-sweep")
+
+
+def test_paper_numbers_file():
+    paper = report.load_paper_numbers()["benchmarks"]
+    assert {(b, n) for b in paper for n in paper[b]} == {
+        ("imagenet-r", "5"), ("imagenet-r", "10"), ("imagenet-r", "20"), ("imagenet-a", "10"),
+        ("domainnet", "5"), ("cifar100", "10"), ("cub200", "10")}
+    assert paper["imagenet-r"]["10"]["sdlora"]["final_acc"] == {"mean": 77.34, "se": 0.35}
+    assert paper["imagenet-a"]["10"]["inflora"]["avg_inc_acc"] == {"mean": 60.92, "se": 0.61}
+    assert paper["cub200"]["10"]["sdlora-kd"]["final_acc"]["mean"] == 75.95
+    assert "hide-prompt" not in paper["cifar100"]["10"]  # not in Table 6
+    assert len(paper["domainnet"]["5"]) == 9
+    assert "Table 3" in paper["domainnet"]["5"]["finetune"]["source"]
+
+
+def test_compare_paper_adds_columns(tmp_path):
+    root = tmp_path / "runs"
+    acc5 = [[90.0] * (i + 1) for i in range(5)]  # final 90, AAA 90
+    write_results(root, "sdlora", 0, acc5)
+    write_results(root, "mine", 0, acc5)
+    out = report.write_report([root], out_dir=tmp_path / "rep", compare_paper=True)
+    df = pd.read_csv(out / "summary.csv").set_index("row")
+    assert df.loc["sdlora", "paper_final_acc"] == 79.15
+    assert df.loc["sdlora", "delta_final_acc"] == pytest.approx(90.0 - 79.15)
+    assert df.loc["sdlora", "delta_avg_inc_acc"] == pytest.approx(90.0 - 83.01)
+    assert math.isnan(df.loc["mine", "paper_final_acc"])
+    md = (out / "summary.md").read_text()
+    assert "paper Acc (%)" in md and "Δ Acc" in md and "+10.85" in md and "Table 2" in md
+    plain = report.write_report([root], out_dir=tmp_path / "plain")
+    assert "paper Acc" not in (plain / "summary.md").read_text()
+
+
+def test_import_is_light():
+    code = ("import sys, clbench.report, clbench.tracking; "
+            "heavy = [m for m in ('torch', 'wandb', 'matplotlib', 'pandas') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# W&B
+# ---------------------------------------------------------------------------------------------
+
+SECRET = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_wandb_offline_writes_table_and_images(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    wb = tmp_path / "wb"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wb))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)  # must never be written anywhere
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_results(root, "sdlora", seed, mat3(85.0 + seed))
+        write_results(root, "l2p", seed, mat3(60.0 + seed))
+    out = report.write_report([root], out_dir=tmp_path / "rep", wandb_mode="offline")
+    runs = list((wb / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    tables = list((media / "table").glob("*.table.json"))
+    assert len(tables) == 1
+    logged = json.loads(tables[0].read_text())
+    assert "final_acc_mean" in logged["columns"] and len(logged["data"]) == 2
+    images = list((media / "images").glob("*.png"))
+    assert len(images) == len(list(out.glob("*.png"))) == 4  # curve, forgetting, 2 matrices
+    assert list(runs[0].glob("run-*.wandb"))
+    for file in [*wb.rglob("*"), *out.rglob("*")]:
+        if file.is_file():
+            assert SECRET.encode() not in file.read_bytes(), file
+
+
+def test_tracking_disabled_and_scrubbed(tmp_path):
+    assert tracking.start_run("disabled", "p", "g", "n", {}, tmp_path) is None
+    tracking.log_task(None, 0, {"acc": 1.0})
+    tracking.finish(None)
+    clean = tracking._scrub({"lr": 0.1, "wandb_api_key": "x", "nested": {"token": "y", "a": 1}})
+    assert clean == {"lr": 0.1, "nested": {"a": 1}}
+    with pytest.raises(UsageError, match="unknown W&B mode"):
+        tracking.start_run("cloud", "p", "g", "n", {}, tmp_path)
+
+
+def test_wandb_online_without_key_raises(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(UsageError, match="needs an API key: run `wandb login`"):
+        tracking.start_run("online", "p", "g", "n", {}, tmp_path / "wb")
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    with pytest.raises(UsageError, match="--wandb offline"):
+        report.write_report([root], out_dir=tmp_path / "rep", wandb_mode="online")
+    assert not (tmp_path / "rep").exists()  # refused before writing anything
+    assert not (tmp_path / "wb").exists()
+
+
+def test_malformed_results_is_a_usage_error(tmp_path):
+    bad = tmp_path / "runs" / "x" / "results.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps({"method": "sdlora", "seed": 0}))
+    with pytest.raises(UsageError, match="missing benchmark, n_tasks, correct, total"):
+        report.load_runs([tmp_path / "runs"])
+    with pytest.raises(UsageError, match="not found"):
+        report.load_runs([tmp_path / "nowhere"])
