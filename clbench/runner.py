@@ -120,11 +120,14 @@ def prepare(plan: RunPlan):
     return benchmark, n_tasks, jobs
 
 
-def run(plan: RunPlan, log=print) -> list[Path]:
-    """Run every job of the plan (skipping finished ones); returns the results files."""
+def run(plan: RunPlan, log=print, record_plan: bool = True) -> list[Path]:
+    """Run every job of the plan (skipping finished ones); returns the results files.
+    ``record_plan=False`` leaves ``run.json`` alone: sweep jobs share one folder and the sweep
+    records its grid in ``sweep.json`` instead."""
     benchmark, n_tasks, jobs = prepare(plan)
     device = resolve_device(plan.device)
-    write_json(Path(plan.run_dir) / "run.json", dataclasses.asdict(plan))
+    if record_plan:
+        write_json(Path(plan.run_dir) / "run.json", dataclasses.asdict(plan))
 
     from clbench.backbones import load_backbone
 
