@@ -1,0 +1,41 @@
+"""`cub200`: CUB-200-2011 birds, 200 classes, 11,788 images.
+
+Split: the pre-split ``train/`` and ``test/`` folders that ADAM/RevisitingCIL and LAMDA-PILOT
+distribute and the SD-LoRA official code reads (``cub.zip``; about 9,430 / 2,358 in the ADAM
+tables; the count check asserts the 11,788 total). Google Drive id from the RevisitingCIL README;
+MD5 posted by its maintainer (RevisitingCIL issue #5). Class ids: sorted class-folder indices
+(ImageFolder). Class order: ``np.random.seed(1993); permutation(200)``; 10 tasks × 20 classes as in
+SD-LoRA's App. A.3 (Table 6).
+
+Transforms and loader: as ``imagenet-r`` (SD-LoRA's ``build_transform``: train RandomResizedCrop(S,
+scale=(0.05, 1)) + flip, test Resize(int(S·8/7), bicubic) + CenterCrop(S), ToTensor only, pixels in
+[0, 1]; PIL decode, ``--workers`` for parallel loading; throughput measured in ``imagenet_r.py``).
+"""
+from __future__ import annotations
+
+from clbench.benchmark import Benchmark, SplitData, divisors_as_choices
+from clbench.datasets import Remote, load_presplit, prepare_presplit
+from clbench.registry import register_benchmark
+
+DRIVE_ID = "1XbUpnWpJPnItt5zQ6sHJnsjPncnNLvWb"  # RevisitingCIL README, "CUB200" Google Drive link
+REMOTES = {
+    "adam": Remote("cub.zip", f"https://drive.google.com/uc?id={DRIVE_ID}",
+                   md5="85e342a2d5f941e740193602057df7a5",
+                   checksum_source="RevisitingCIL issue #5 (maintainer's md5sum)",
+                   manual_url=f"https://drive.google.com/file/d/{DRIVE_ID}/view"),
+}
+
+
+@register_benchmark("cub200", "CUB-200-2011, 200 classes, ADAM/PILOT pre-split folders, "
+                              "10 tasks × 20; --download")
+class CUB200(Benchmark):
+    n_classes = 200
+    task_choices = divisors_as_choices(200, range(2, 51))
+    default_tasks = 10
+    default_seeds = (1993,)
+    expected_counts = {"adam": 11_788}
+
+    def load(self, image_size: int) -> SplitData:
+        split_root = prepare_presplit(self, REMOTES["adam"], self.root / "cub", "adam",
+                                      self.expected_counts["adam"])
+        return load_presplit(split_root, "cub200-adam-presplit", image_size)
