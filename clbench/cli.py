@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    run.add_argument("--ddp", action="store_true",
+                     help="data-parallel over --nproc processes via torchrun (gloo on CPU, nccl on GPU)")
+    run.add_argument("--nproc", type=int, default=None,
+                     help="processes for --ddp (default: number of GPUs, else 2)")
 
     sweep = sub.add_parser("sweep", help="run a methods × benchmarks × tasks × seeds grid with submitit")
     sweep.add_argument("--methods", required=True, help="comma-separated method names, or 'all'")
@@ -130,8 +134,29 @@ def plan_from_args(args):
                    workers=args.workers, wandb=args.wandb)
 
 
+def relaunch_with_torchrun(args, argv) -> int:
+    """``clbench run --ddp`` = ``torchrun --nproc_per_node N -m clbench run ...``."""
+    import os
+    import subprocess
+
+    nproc = args.nproc
+    if nproc is None:
+        import torch
+
+        nproc = torch.cuda.device_count() or 2
+    rest = [a for a in argv if a != "--ddp"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "clbench", *rest]
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
 def cmd_run(args) -> int:
+    import os
+
     from clbench import runner
+
+    if args.ddp and "WORLD_SIZE" not in os.environ:
+        return relaunch_with_torchrun(args, args.argv)
 
     plan = plan_from_args(args)
     try:
@@ -143,6 +168,10 @@ def cmd_run(args) -> int:
     print("results:")
     for path in paths:
         print(f"  {path}")
+    from clbench import distributed
+
+    if not distributed.is_main():
+        return 0
     if not args.no_report:
         from clbench.report import write_report
 
@@ -178,7 +207,9 @@ COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report, "sweep": cmd
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:

@@ -90,15 +90,20 @@ def environment() -> dict:
 
 def method_config(strategy_cls, benchmark: str, n_tasks: int, plan: RunPlan, overrides):
     config = strategy_cls.Config()
-    config = dataclasses.replace(config, **strategy_cls.defaults_for(benchmark, n_tasks))
+    chosen = hparams.resolve_overrides(config, overrides, strategy_cls.registered_name)
+    # A method whose per-benchmark defaults depend on a chosen variant names it in variant_keys.
+    variant = {k: chosen[k] for k in getattr(strategy_cls, "variant_keys", ()) if k in chosen}
+    config = dataclasses.replace(config, **strategy_cls.defaults_for(benchmark, n_tasks, **variant))
     budget = {k: getattr(plan, k) for k in ("epochs", "lr", "batch_size") if getattr(plan, k) is not None}
     config = dataclasses.replace(config, **budget)
-    return dataclasses.replace(config, **hparams.resolve_overrides(
-        config, overrides, strategy_cls.registered_name))
+    return dataclasses.replace(config, **chosen)
 
 
 def prepare(plan: RunPlan):
     """Validate every name and value before any work starts."""
+    from clbench import tracking
+
+    tracking.check_mode(plan.wandb)
     load_plugins(plan.plugins)
     overrides = [hparams.parse_override(o) for o in plan.overrides]
     bench_cls = BENCHMARKS.get(plan.benchmark)
@@ -124,9 +129,14 @@ def run(plan: RunPlan, log=print, record_plan: bool = True) -> list[Path]:
     """Run every job of the plan (skipping finished ones); returns the results files.
     ``record_plan=False`` leaves ``run.json`` alone: sweep jobs share one folder and the sweep
     records its grid in ``sweep.json`` instead."""
+    from clbench import distributed
+
     benchmark, n_tasks, jobs = prepare(plan)
-    device = resolve_device(plan.device)
-    if record_plan:
+    distributed.init_from_env()
+    device = distributed.local_device(resolve_device(plan.device))
+    main = distributed.is_main()
+    log = log if main else (lambda *a, **k: None)
+    if main and record_plan:
         write_json(Path(plan.run_dir) / "run.json", dataclasses.asdict(plan))
 
     from clbench.backbones import load_backbone
@@ -134,7 +144,8 @@ def run(plan: RunPlan, log=print, record_plan: bool = True) -> list[Path]:
     loaded = load_backbone(plan.backbone or benchmark.default_backbone, plan.checkpoint)
     split = benchmark.load(loaded.input_size)
     log(f"{benchmark.name}: {split.identity.get('n_train')} train / {split.identity.get('n_test')} "
-        f"test images, {n_tasks} tasks; backbone {loaded.spec.name} ({loaded.spec.tag}); {device}")
+        f"test images, {n_tasks} tasks; backbone {loaded.spec.name} ({loaded.spec.tag}); {device}"
+        + (f" × {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
     paths = []
     for job in jobs:
         paths.append(run_job(job, benchmark, n_tasks, split, loaded, device, plan, log))
@@ -142,6 +153,7 @@ def run(plan: RunPlan, log=print, record_plan: bool = True) -> list[Path]:
 
 
 def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, log) -> Path:
+    from clbench import distributed
     from clbench.streams import build_stream
     from clbench.strategy import CLModel
     from clbench.progress import ProgressPlugin
@@ -163,7 +175,9 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         "backbone": loaded.describe(), "class_order": class_order, "split": split.identity,
         "device": str(device), "workers": plan.workers, **environment(),
     }
-    write_json(job.out_dir / "config.json", config)
+    main = distributed.is_main()
+    if main:
+        write_json(job.out_dir / "config.json", config)
 
     results = {
         "method": job.method, "benchmark": benchmark.name, "seed": job.seed, "n_tasks": n_tasks,
@@ -183,7 +197,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
             results[key] = results[key][:start]
         log(f"{job.method} seed {job.seed}: resuming after task {start}/{n_tasks}")
 
-    tracker = start_tracking(plan, job, config)
+    tracker = start_tracking(plan, job, config) if main else _NoTracking()
     from clbench.metrics import pooled_accuracy, summarize
 
     for task in range(start, n_tasks):
@@ -201,8 +215,9 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         results["method_info"].append(strategy.task_info() if hasattr(strategy, "task_info") else {})
         results["metrics"] = summarize(results["correct"], results["total"])
         results["complete"] = task == n_tasks - 1
-        write_json(results_path, results)
-        save_checkpoint(checkpoint_path, strategy.checkpoint())
+        if main:
+            write_json(results_path, results)
+            save_checkpoint(checkpoint_path, strategy.checkpoint())
         accuracy = pooled_accuracy(correct, total)
         log(f"{job.method} seed {job.seed} | task {task + 1}/{n_tasks} | acc on seen classes "
             f"{accuracy:.2f}% | train {trained - began:.1f}s eval {evaluated - trained:.1f}s")

@@ -30,6 +30,7 @@ from avalanche.training.templates import SupervisedTemplate  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from clbench import distributed  # noqa: E402
 from clbench.hparams import TrainConfig  # noqa: E402
 
 
@@ -176,22 +177,27 @@ class CLStrategy(SupervisedTemplate):
         self.optimizer = self.make_optimizer_for_task(self.trainable_parameters())
         self.scheduler = self.make_scheduler_for_task(self.optimizer)
 
-    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
-                              persistent_workers=False, drop_last=False, **kwargs):
-        """A plain DataLoader, shuffled by a generator seeded from (seed, task): resumable runs
-        see the same batches as uninterrupted ones."""
-        generator = torch.Generator().manual_seed(self.seed * 1000 + self.task + 1)
-        workers = self.num_workers
+    def make_train_dataloader(self, drop_last=False, **kwargs):
+        """Shuffled by a sampler seeded from (seed, task, epoch), sharded over ranks: resumed and
+        multi-process runs see the same global batches as an uninterrupted single process."""
+        sampler = distributed.ShardedBatchSampler(
+            len(self.adapted_dataset), self.train_mb_size,
+            seed=self.seed * 1000 + self.experience.current_experience, drop_last=drop_last)
         self.dataloader = torch.utils.data.DataLoader(
-            self.adapted_dataset, batch_size=self.train_mb_size, shuffle=True,
-            num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, generator=generator, drop_last=drop_last)
+            self.adapted_dataset, batch_sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
 
     def make_eval_dataloader(self, **kwargs):
-        workers = self.num_workers
+        dataset = self.adapted_dataset
+        if distributed.world_size() > 1:
+            dataset = torch.utils.data.Subset(dataset, distributed.shard_indices(len(dataset)))
         self.dataloader = torch.utils.data.DataLoader(
-            self.adapted_dataset, batch_size=self.eval_mb_size, shuffle=False,
-            num_workers=workers, pin_memory=self.device.type == "cuda")
+            dataset, batch_size=self.eval_mb_size, shuffle=False,
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+
+    def _after_backward(self, **kwargs):
+        distributed.reduce_gradients(self.trainable_parameters(), len(self.mb_y))
+        super()._after_backward(**kwargs)
 
     def criterion(self):
         if not self.is_training:
@@ -214,9 +220,9 @@ class CLStrategy(SupervisedTemplate):
         """Correct predictions and sample counts per experience (argmax over all seen classes)."""
         self._counts = []
         self.eval(experiences)
-        correct = [c for c, _ in self._counts]
-        total = [t for _, t in self._counts]
-        return correct, total
+        counts = distributed.all_reduce_sum(
+            torch.tensor(self._counts, dtype=torch.long, device=self.device)).cpu()
+        return counts[:, 0].tolist(), counts[:, 1].tolist()
 
     def _before_eval_exp(self, **kwargs):
         super()._before_eval_exp(**kwargs)

@@ -33,7 +33,8 @@ def test_help_and_list_do_not_import_torch():
     assert "built-in" in out.stdout
 
 
-def test_run_end_to_end_on_digits(tmp_path, cli, tiny_checkpoint):
+def test_run_end_to_end_on_digits(tmp_path, cli, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report goes to ./reports/<run>
     code, out, err = cli("run", "--methods", "linear-probe,finetune", "--epochs", "1",
                          "--checkpoint", tiny_checkpoint, "--out", tmp_path, "--name", "e2e",
                          "--seeds", "1993,1994")
@@ -159,3 +160,22 @@ def test_unreadable_checkpoint_is_a_clear_error(cli, tmp_path):
     broken.write_bytes(b"not a checkpoint")
     code, _, err = cli("run", "--methods", "finetune", "--checkpoint", broken, "--out", tmp_path)
     assert code == 2 and "cannot load checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ddp_two_gloo_processes_match_a_single_process(tmp_path, cli, tiny_checkpoint):
+    """torchrun with 2 CPU processes (gloo): same global batches, gradients averaged over ranks,
+    evaluation gathered — the same accuracies as one process up to reduction order."""
+    common = ["--methods", "finetune", "--epochs", "1", "--tasks", "2", "--checkpoint",
+              tiny_checkpoint, "--out", tmp_path, "--no-report", "--device", "cpu"]
+    assert cli("run", *common, "--name", "single")[0] == 0
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "clbench", "run", *map(str, common), "--name", "ddp",
+                           "--ddp", "--nproc", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "× 2 processes" in done.stdout
+    single = _results(tmp_path / "single", "finetune", tasks=2)
+    ddp = _results(tmp_path / "ddp", "finetune", tasks=2)
+    assert ddp["total"] == single["total"]  # the gathered evaluation saw every test image once
+    for row_single, row_ddp in zip(single["correct"], ddp["correct"]):
+        for a, b in zip(row_single, row_ddp):
+            assert abs(a - b) <= 2  # floating-point reduction order may flip a borderline sample
