@@ -72,7 +72,7 @@ def download_file(url: str, dest: Path) -> None:
     and moves the result to ``dest`` only when the transfer is complete."""
     import gdown
 
-    gdown.download(url, str(dest), quiet=False, resume=True, retries=3, timeout=60)
+    gdown.download(url, str(dest), quiet=False, resume=True)
 
 
 def verify(path: Path, remote: Remote) -> None:

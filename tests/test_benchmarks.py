@@ -20,6 +20,7 @@ from clbench.datasets import Remote, marker_path, safe_extract
 from clbench.errors import UsageError
 
 DN_DOMAINS = list(domainnet.DOMAINS)
+PINNED_IMAGENET_A_FIXTURE_HASH = "06829418963b6fa8cbff4a2a7bfc538965d9872ff8c2d1d9c5cb6d467720e90f"
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def test_identity_hash_tracks_files_and_labels(local_data, tmp_path):
     relabelled = datasets.split_identity(split.identity["protocol"], (files, labels[::-1]), test)
     dropped = datasets.split_identity(split.identity["protocol"], (files[1:], labels[1:]), test)
     assert relabelled["hash"] != split.identity["hash"] != dropped["hash"]
+    assert split.identity["hash"] == PINNED_IMAGENET_A_FIXTURE_HASH  # the recipe must not drift
 
 
 def test_coda_split_reads_lists_with_imagefolder_class_ids(local_data, tmp_path):
