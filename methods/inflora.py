@@ -72,8 +72,11 @@ class InfLoRAConfig(TrainConfig):
     rank: int = 10
     lambda_b: float = 0.95            # threshold at task 0
     lambda_e: float = 1.0             # threshold limit at t = T
-    optimizer: str = "adam"           # "adam" (β 0.9/0.999, wd 0) or "sgd" (momentum 0.9, wd 0)
-    schedule: str = "cosine"          # "cosine": official lr·cos(99πe/(200(K−1))); "step": ×0.1 at step_epoch
+    optimizer: str = "adam"           # "adam" (β 0.9/0.999) or "sgd" (momentum 0.9)
+    weight_decay: float = 0.0
+    # "cosine": official lr·cos(99πe/(200(K−1))); "step": ×0.1 at step_epoch;
+    # "annealing": torch CosineAnnealingLR(T_max=epochs) (official SGD runs of InfLoRA+CA)
+    schedule: str = "cosine"
     step_epoch: int = 4
     head_lr: Optional[float] = None   # None: same as lr (official DomainNet: 1e-2)
     memory: str = "dual"              # "dual" (DualGPM) or "gpm" (remove mode only)
@@ -159,7 +162,7 @@ class InfLoRA(CLStrategy):
     def prepare_model(self, model) -> None:
         cfg = self.config
         for name, value, options in (("optimizer", cfg.optimizer, ("adam", "sgd")),
-                                     ("schedule", cfg.schedule, ("cosine", "step")),
+                                     ("schedule", cfg.schedule, ("cosine", "step", "annealing")),
                                      ("memory", cfg.memory, ("dual", "gpm"))):
             if value not in options:
                 raise UsageError(f"inflora.{name} must be one of {options}, got {value!r}")
@@ -209,17 +212,31 @@ class InfLoRA(CLStrategy):
         return ups + list(self.model.head.parameters())
 
     def make_optimizer_for_task(self, params):
+        """Up-projections at ``lr``, head at ``head_lr``. Weight decay reaches only the current
+        task's head rows (official: old heads are frozen), so for the head it is the equivalent
+        L2 term in ``extra_loss`` rather than the optimiser's decay of the whole shared matrix."""
         head = list(self.model.head.parameters())
         head_ids = {id(p) for p in head}
-        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": self.config.lr},
-                  {"params": head, "lr": self.config.head_lr or self.config.lr}]
-        if self.config.optimizer == "adam":
-            return torch.optim.Adam(groups, lr=self.config.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        return torch.optim.SGD(groups, lr=self.config.lr, momentum=0.9, weight_decay=0.0)
+        cfg = self.config
+        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg.lr,
+                   "weight_decay": cfg.weight_decay},
+                  {"params": head, "lr": cfg.head_lr or cfg.lr, "weight_decay": 0.0}]
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+
+    def extra_loss(self):
+        if not self.config.weight_decay:
+            return 0.0
+        fc, known = self.model.head.fc, self.known_classes
+        return 0.5 * self.config.weight_decay * (fc.weight[known:].pow(2).sum()
+                                                 + fc.bias[known:].pow(2).sum())
 
     def make_scheduler_for_task(self, optimizer):
         if self.config.schedule == "cosine":
             return official_cosine(optimizer, self.config.epochs)
+        if self.config.schedule == "annealing":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.config.epochs)
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, [self.config.step_epoch], 0.1)
 
     # ----------------------------------------------------------------- checkpoints

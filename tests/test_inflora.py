@@ -254,3 +254,37 @@ def test_checkpoint_restores_model_and_memory(two_tasks, stream):
     for m0, m1 in zip(s.memories, fresh.memories):
         assert torch.equal(m0.basis, m1.basis) and m0.retain == m1.retain
     assert fresh.task == 1 and fresh.task_info() == s.task_info()
+
+
+# ----------------------------------------------------------------- InfLoRA+CA
+def test_classifier_alignment_statistics_and_head_retraining(stream):
+    from clbench.methods.inflora_ca import InfLoRACA
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=DIM, depth=2, num_heads=3,
+                            num_classes=0)
+    config = dataclasses.replace(InfLoRACA.Config(),
+                                 **{**InfLoRACA.defaults_for("digits", 5), "epochs": 1})
+    s = InfLoRACA(model=CLModel(vit, DIM), config=config, device="cpu")
+    s.train(stream.train[0])
+    # statistics: the mean of each class's features under the trained network
+    data = stream.train[0].dataset
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    s.model.eval()
+    with torch.no_grad():
+        feats = s.model.features(images).double()
+    for c in range(2):
+        torch.testing.assert_close(s.class_means[c], feats[labels == c].mean(0), atol=1e-4,
+                                   rtol=1e-4)
+    assert s.class_task == [0, 0]
+    # alignment: Gaussians around separated means → the retrained head separates them all
+    s.task = 1
+    s.model.head.grow(2)
+    s.class_means = 8 * torch.eye(4, DIM, dtype=torch.float64)
+    s.class_covs = 0.1 * torch.eye(DIM).repeat(4, 1, 1)
+    s.class_task = [0, 0, 1, 1]
+    s.align_classifier(task=1)
+    with torch.no_grad():
+        predicted = s.model.head(s.class_means.float()).argmax(1)
+    assert predicted.tolist() == [0, 1, 2, 3]
