@@ -25,8 +25,10 @@ sidecar JSON (same stem) with the architecture, normalisation, provenance and th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import shlex
 import string
 import sys
@@ -371,7 +373,7 @@ def _fmt(d: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Pretraining
 # --------------------------------------------------------------------------------------------
-def pretrain(out: str | Path = DEFAULT_CHECKPOINT, *, steps: int = 4000, seed: int = 0,
+def pretrain(out: str | Path = DEFAULT_CHECKPOINT, *, steps: int = 3200, seed: int = 0,
              device: str = "cpu", batch_size: int = 128, pool_size: int = 104_000,
              val_size: int = 5_200, lr: float = 2e-3, weight_decay: float = 0.05,
              warmup_steps: int = 200, label_smoothing: float = 0.1, threads: int = 2,
@@ -380,6 +382,8 @@ def pretrain(out: str | Path = DEFAULT_CHECKPOINT, *, steps: int = 4000, seed: i
     from safetensors.torch import save_file
 
     t0 = time.time()
+    if device.startswith("cuda"):  # deterministic cuBLAS (must be set before CUDA starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -428,7 +432,7 @@ def pretrain(out: str | Path = DEFAULT_CHECKPOINT, *, steps: int = 4000, seed: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        running += float(loss)
+        running += float(loss.detach())
         if (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps}  loss {running / log_every:.4f}  "
                   f"lr {lr_at(step):.2e}  {time.time() - t0:.0f}s", flush=True)
@@ -465,7 +469,8 @@ def pretrain(out: str | Path = DEFAULT_CHECKPOINT, *, steps: int = 4000, seed: i
             "schedule": f"linear warmup {warmup_steps} steps + cosine to 0",
             "label_smoothing": label_smoothing, "grad_clip": 1.0,
             "device": device, "torch_threads": threads,
-            "torch": torch.__version__, "timm": _timm_version(),
+            "torch": torch.__version__, "timm": _timm_version(), "pillow": _pillow_version(),
+            "pool_sha256": hashlib.sha256(x_pool.numpy().tobytes()).hexdigest(),
             "letters_val_accuracy": val_acc, "wall_time_s": round(wall, 1),
             "render_time_s": round(t_render, 1),
         },
@@ -488,6 +493,11 @@ def pretrain(out: str | Path = DEFAULT_CHECKPOINT, *, steps: int = 4000, seed: i
     return meta
 
 
+def _pillow_version() -> str:
+    import PIL
+    return PIL.__version__
+
+
 def _timm_version() -> str:
     import timm
     return timm.__version__
@@ -502,7 +512,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="pretrain vit-tiny-letters on rendered letters")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=128)
