@@ -115,6 +115,16 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def input_size(spec: BackboneSpec) -> int:
+    """The model's input resolution, known without building it (data can be checked first)."""
+    if "img_size" in spec.model_kwargs:
+        return int(spec.model_kwargs["img_size"])
+    import timm
+
+    config = timm.get_pretrained_cfg(spec.tag)
+    return int(config.input_size[-1]) if config is not None else 224
+
+
 def load_backbone(name: str, checkpoint: str | Path | None = None) -> LoadedBackbone:
     """Create the timm model for ``name`` with pretrained weights and no classifier head."""
     import timm

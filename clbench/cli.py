@@ -144,7 +144,14 @@ def relaunch_with_torchrun(args, argv) -> int:
         import torch
 
         nproc = torch.cuda.device_count() or 2
-    rest = [a for a in argv if a != "--ddp"]
+    rest, skip = [], False
+    for arg in argv:  # drop --ddp and --nproc N: the child processes are the workers
+        if skip or arg == "--ddp" or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "clbench", *rest]
     return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

@@ -139,10 +139,11 @@ def run(plan: RunPlan, log=print, record_plan: bool = True) -> list[Path]:
     if main and record_plan:
         write_json(Path(plan.run_dir) / "run.json", dataclasses.asdict(plan))
 
-    from clbench.backbones import load_backbone
+    from clbench.backbones import input_size, load_backbone, spec_for
 
-    loaded = load_backbone(plan.backbone or benchmark.default_backbone, plan.checkpoint)
-    split = benchmark.load(loaded.input_size)
+    backbone = plan.backbone or benchmark.default_backbone
+    split = benchmark.load(input_size(spec_for(backbone)))  # missing data fails before weights load
+    loaded = load_backbone(backbone, plan.checkpoint)
     log(f"{benchmark.name}: {split.identity.get('n_train')} train / {split.identity.get('n_test')} "
         f"test images, {n_tasks} tasks; backbone {loaded.spec.name} ({loaded.spec.tag}); {device}"
         + (f" × {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
