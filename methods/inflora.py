@@ -60,7 +60,7 @@ BENCHMARK_DEFAULTS = {
     "domainnet": dict(epochs=5, lr=5e-3, head_lr=1e-2, batch_size=128, rank=30, lambda_b=0.95,
                       optimizer="sgd", schedule="step", memory="gpm"),
     # Small, fast values for the embedded tiny benchmark (D = 96), not from the paper.
-    "digits": dict(epochs=3, lr=5e-3, batch_size=32, rank=8, lambda_b=0.95),
+    "digits": dict(epochs=5, lr=1e-2, batch_size=32, rank=8, lambda_b=0.95),
 }
 
 
