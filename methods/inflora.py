@@ -28,8 +28,10 @@ Deviations from the official code (also in the README section of the report):
   (stores the complement, "retain"); the official code mislabels it (never reached with its
   thresholds). In "retain" mode at most as many directions are removed as the complement has.
 * ImageNet-A and CUB-200 have no official config; they use the ImageNet-R one.
-* Statistics passes use the harness' training loader (its augmentation), the network in eval
-  mode (dropout/drop-path are 0 anyway); the official code also keeps the net in eval mode.
+* Second moments are summed in float64 (official: float32 running mean) and the SVDs run in
+  float64 on the activations' device (official: numpy float32); the same quantities.
+* Statistics passes iterate the harness' training loader, i.e. its training augmentation, like the
+  official code (whose augmentation differs: the harness' transforms are shared by all methods).
 """
 from __future__ import annotations
 

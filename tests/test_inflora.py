@@ -139,7 +139,7 @@ def test_old_task_layer_outputs_move_far_less_than_unconstrained_lora(stream):
 
 
 # ----------------------------------------------------------------- training
-def test_only_current_up_projections_and_head_train(two_tasks, stream):
+def test_only_current_up_projections_and_head_train(two_tasks):
     s = two_tasks
     trainable = {id(p) for p in s.model.parameters() if p.requires_grad}
     expected = {id(p) for a in s.adapters for p in (a.up_k, a.up_v)}
@@ -173,7 +173,7 @@ def test_official_cosine_schedule():
 
 
 # ----------------------------------------------------------------- memory
-def test_threshold_schedule(stream):
+def test_threshold_schedule():
     assert subspace.threshold(0.95, 1.0, 0, 10) == 0.95
     assert abs(subspace.threshold(0.95, 1.0, 9, 10) - 0.995) < 1e-12
     assert abs(subspace.threshold(0.98, 1.0, 4, 5) - 0.996) < 1e-12
