@@ -176,5 +176,12 @@ class SecondMoments:
         self._handles = []
 
     def matrices(self) -> list[torch.Tensor]:
-        """S = (1/n) Σ x xᵀ per module (the uncentred second moment of its input tokens)."""
-        return [s / n for s, n in zip(self.sums, self.counts)]
+        """S = (1/n) Σ x xᵀ per module (the uncentred second moment of its input tokens), summed
+        over data-parallel ranks so every rank designs the same projection."""
+        from clbench.distributed import all_reduce_sum
+
+        result = []
+        for total, n in zip(self.sums, self.counts):
+            count = all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=total.device))
+            result.append(all_reduce_sum(total.clone()) / count)
+        return result
