@@ -116,7 +116,7 @@ class CodaPrompt(PromptStrategy):
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
         if benchmark == "digits":  # 96-wide keys hold at most 96 orthogonal slots
-            return {"epochs": 3, "lr": 0.01, "batch_size": 32, "n_components": 50,
+            return {"epochs": 5, "lr": 0.01, "batch_size": 32, "n_components": 50,
                     "n_tasks": n_tasks}
         epochs = {"cifar100": 20, "domainnet": 5}.get(benchmark, 50)  # IN-R: 50; CUB/IN-A: none
         return {"epochs": epochs, "n_tasks": n_tasks}

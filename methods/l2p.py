@@ -108,7 +108,7 @@ class L2P(PromptStrategy):
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
         if benchmark == "digits":
-            return {"epochs": 3, "lr": 0.01, "batch_size": 32, "eval_batch_size": 64}
+            return {"epochs": 5, "lr": 0.01, "batch_size": 32, "eval_batch_size": 64}
         # The port's CIFAR-100 recipe; L2P has no official config for the other benchmarks.
         return {}
 
@@ -123,7 +123,8 @@ class L2P(PromptStrategy):
             raise UsageError("l2p: head_input='prompt' needs insertion='input'")
         if c.insertion == "prefix" and c.prompt_length % 2:
             raise UsageError("l2p: prefix tuning splits each prompt in halves; use an even length")
-        pull_loss(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), c.pull_reduction)
+        if c.pull_reduction not in ("l2p", "coda"):
+            raise UsageError(f"l2p: pull_reduction must be l2p|coda, got {c.pull_reduction!r}")
         vit = model.backbone
         depth = len(vit.blocks)
         self.prompt_blocks = clamp_blocks(c.prompt_blocks, depth) if c.insertion == "prefix" else []
@@ -223,6 +224,6 @@ class L2PPlusPlus(L2P):
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
         if benchmark == "digits":
-            return {"epochs": 3, "lr": 0.01, "batch_size": 32, "eval_batch_size": 64}
+            return {"epochs": 5, "lr": 0.01, "batch_size": 32, "eval_batch_size": 64}
         epochs = {"cifar100": 20, "domainnet": 5}.get(benchmark, 50)  # IN-R: 50; CUB/IN-A: none
         return {"epochs": epochs}

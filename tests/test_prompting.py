@@ -16,11 +16,20 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from clbench import prompting  # noqa: E402
 from clbench.benchmark import SplitData  # noqa: E402
 from clbench.methods.coda_prompt import (CodaPrompt, component_weights,  # noqa: E402
-                                         gram_schmidt_rows)
+                                         gram_schmidt_rows, ortho_penalty)
 from clbench.methods.l2p import (L2P, L2PPlusPlus, PromptPool, pull_loss,  # noqa: E402
                                  select_prompts)
 from clbench.strategy import CLModel, cosine_per_epoch  # noqa: E402
 from clbench.streams import build_stream  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; more only wait at OpenMP barriers on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_vit(dim=48, depth=2, seed=0):
@@ -238,6 +247,27 @@ def test_coda_tiny_backbone_clamps_blocks_and_sizes_slots():
     assert s.prompt_blocks == [0, 1, 2, 3]
     assert s.model.prompt.keys.shape == (4, 20, 48) and s.slots(2) == (8, 12)
     assert s.model.prompt.prompts.shape == (4, 20, 8, 48)
+
+
+def test_ortho_penalty_enters_the_loss_and_reaches_only_new_slots():
+    assert float(ortho_penalty(torch.eye(4))) == 0 and float(ortho_penalty(torch.ones(2, 2))) > 0
+    s = make_strategy(CodaPrompt, tiny_vit(), n_components=8, n_tasks=2, ortho_weight=0.1)
+    s.model.prompt.init_slots(0, 4)
+    s.model.prompt.init_slots(4, 8)
+    with torch.no_grad():
+        s.model.prompt.keys[:, 4:] += 0.3  # break orthogonality of the new slots
+    s.model.head.grow(4)
+    s.task, s.known_classes, s.is_training = 1, 2, True
+    s.mbatch = [torch.rand(4, 3, 16, 16), torch.tensor([2, 3, 2, 3]), 0]
+    s.forward()
+    loss = s.extra_loss()
+    assert float(loss.detach()) > 0
+    loss.backward()
+    grad = s.model.prompt.keys.grad
+    assert torch.all(grad[:, :4] == 0) and grad[:, 4:].abs().sum() > 0
+    s.is_training = False
+    s.forward()
+    assert s.extra_loss() == 0  # no penalty outside training
 
 
 # ------------------------------------------------------------------ training over two tasks
