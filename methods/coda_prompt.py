@@ -34,22 +34,25 @@ from clbench.registry import register_method
 
 def gram_schmidt_rows(matrix: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Copy of ``matrix`` (M, n) whose rows [start, stop) are fresh Gaussian vectors made
-    orthonormal to each other and to the span of rows [0, start)."""
+    orthonormal to each other and to the span of rows [0, start). Runs in float64 on the CPU
+    (at most a few hundred rows) with the CPU generator, so any device draws the same vectors."""
     if stop > matrix.shape[1]:
         raise ValueError(f"cannot fit {stop} orthogonal vectors in dimension {matrix.shape[1]}")
-    out = matrix.detach().clone()
-    basis = torch.zeros(out.shape[1], 0, dtype=torch.float64)
+    work = matrix.detach().double().cpu()
+    basis = torch.zeros(work.shape[1], 0, dtype=torch.float64)
     if start:
-        q, r = torch.linalg.qr(out[:start].double().T)
+        q, r = torch.linalg.qr(work[:start].T)
         r = r.diagonal().abs()
         basis = q[:, r > 1e-10 * float(r.max())]  # drop directions of dependent old rows
     for row in range(start, stop):
-        v = torch.randn(out.shape[1], dtype=torch.float64)
+        v = torch.randn(work.shape[1], dtype=torch.float64)
         for _ in range(2):  # re-orthogonalise once for numerical exactness
             v = v - basis @ (basis.T @ v)
         v = v / v.norm()
         basis = torch.cat([basis, v.unsqueeze(1)], dim=1)
-        out[row] = v.to(out.dtype)
+        work[row] = v
+    out = matrix.detach().clone()
+    out[start:stop] = work[start:stop].to(out.device, out.dtype)
     return out
 
 

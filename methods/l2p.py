@@ -150,6 +150,7 @@ class L2P(PromptStrategy):
             idx = select_prompts(similarity, c.top_k, c.batchwise_prompt)
             if self.is_training:
                 pull = pull + pull_loss(similarity, idx, c.pull_reduction)
+                # summed over prompted blocks when each has its own pool (Deep L2P++)
                 self._prompt_counts += torch.bincount(idx.flatten().cpu(), minlength=c.pool_size)
             chosen = pool.prompts[idx]  # (B, N, L_p, D)
             if c.insertion == "input":
