@@ -15,9 +15,10 @@ shared machine's load drifts over both sides alike):
 4. data loaders — images/s of the training loaders (digits; an ImageNet-R-shaped JPEG fixture read
    by the ImageNet-R loading code) vs the model's training images/s.
 
-On CPU everything runs on one thread (see ``run_perf``). Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the method's build + train + eval;
-on CPU the increase of the process's resident set size over its value before the method, sampled
-every 5 ms with psutil (allocator caches included; not comparable with the CUDA figure).
+On CPU everything runs on one thread (see ``run_perf``). Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` during the method's build + train + eval; on CPU the increase
+of the process's resident set size over its value before the method, sampled every 5 ms with
+psutil (allocator caches included; not comparable with the CUDA figure).
 Every figure is also written to ``--json`` so commits can be compared.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
+from avalanche.core import SupervisedPlugin
 from torch.nn import functional as F
 
 from clbench.errors import UsageError
@@ -90,36 +91,32 @@ def median(values) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-class IterationTimer:
-    """Avalanche plugin: wall time of every training / evaluation iteration, by task."""
+class IterationTimer(SupervisedPlugin):
+    """Wall time of every training / evaluation iteration (after the batch reached the device),
+    by task, with the batch size."""
 
-    def __new__(cls, device):
-        from avalanche.core import SupervisedPlugin
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+        self.train, self.eval = {}, {}
+        self._start = 0.0
 
-        class _Timer(SupervisedPlugin):
-            def __init__(self):
-                super().__init__()
-                self.train, self.eval = {}, {}
-                self._start = 0.0
+    def _begin(self, strategy, **kwargs):
+        sync(self.device)
+        self._start = time.perf_counter()
 
-            def _begin(self, strategy, **kwargs):
-                sync(device)
-                self._start = time.perf_counter()
+    def _end(self, record, strategy):
+        sync(self.device)
+        record.setdefault(strategy.task, []).append(
+            (time.perf_counter() - self._start, len(strategy.mb_y)))
 
-            def _end(self, record, strategy):
-                sync(device)
-                record.setdefault(strategy.task, []).append(
-                    (time.perf_counter() - self._start, len(strategy.mb_y)))
+    before_training_iteration = before_eval_iteration = _begin
 
-            before_training_iteration = before_eval_iteration = _begin
+    def after_training_iteration(self, strategy, **kwargs):
+        self._end(self.train, strategy)
 
-            def after_training_iteration(self, strategy, **kwargs):
-                self._end(self.train, strategy)
-
-            def after_eval_iteration(self, strategy, **kwargs):
-                self._end(self.eval, strategy)
-
-        return _Timer()
+    def after_eval_iteration(self, strategy, **kwargs):
+        self._end(self.eval, strategy)
 
 
 class PeakMemory:
