@@ -18,6 +18,8 @@ class ProgressPlugin(SupervisedPlugin):
                         desc=f"task {strategy.task + 1} epoch {strategy.clock.train_exp_epochs + 1}")
 
     def after_training_iteration(self, strategy, **kwargs):
+        if self.bar.disable:
+            return  # reading the loss would force a device sync every step
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{strategy.loss.item():.3f}", refresh=False)
 
