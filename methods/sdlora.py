@@ -66,8 +66,8 @@ OFFICIAL_SCHEDULES = {
     "domainnet": dict(epochs=10, lr=0.02, lr_milestones=[4, 6, 8], lr_decay=0.005),
 }
 PAPER_EPOCHS = {"imagenet-r": 30, "domainnet": 10}  # Sec. 4.1; 20 for the other benchmarks
-DIGITS = {"official": dict(epochs=4, lr=0.05, batch_size=32),
-          "paper": dict(epochs=4, lr=0.002, batch_size=32)}
+DIGITS = {"official": dict(epochs=5, lr=0.01, batch_size=32),
+          "paper": dict(epochs=5, lr=0.008, batch_size=32)}
 
 
 @dataclass
@@ -92,6 +92,11 @@ class SDLoRAConfig(TrainConfig):
                              f"rank_milestones {self.rank_milestones} (len(ranks) = len(milestones) + 1)")
         if list(self.rank_milestones) != sorted(set(self.rank_milestones)):
             raise UsageError(f"rank_milestones must increase, got {self.rank_milestones}")
+
+
+def rank_for_task(config: SDLoRAConfig, task: int) -> int:
+    """The rank of 0-based ``task``: ``ranks[i]`` from ``rank_milestones[i-1]`` on."""
+    return config.ranks[bisect.bisect_right(config.rank_milestones, task)]
 
 
 @dataclass
@@ -140,7 +145,7 @@ class SDLoRA(CLStrategy):
         self._kd_info = {}
 
     def rank_for(self, task: int) -> int:
-        return self.config.ranks[bisect.bisect_right(self.config.rank_milestones, task)]
+        return rank_for_task(self.config, task)
 
     # -- task boundaries
     def before_task(self, task: int) -> None:

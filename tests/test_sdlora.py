@@ -1,0 +1,439 @@
+"""SD-LoRA / -RR / -KD: the twelve properties of the reference (§9) and the harness contract.
+
+Tiny timm ViTs for behaviour, ViT-B/16 shapes (random init) only for parameter counts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+from timm.models.vision_transformer import VisionTransformer
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from clbench import runner
+from clbench.adapters import QKVAdapter
+from clbench.benchmark import SplitData
+from clbench.hparams import parse_override
+from clbench.registry import METHODS
+from clbench.sdlora_adapter import DecoupledLoRA, least_squares_fit
+from clbench.streams import build_stream
+from clbench.strategy import CLModel
+
+SDLoRA, SDLoRARR, SDLoRAKD = (METHODS.get(n) for n in ("sdlora", "sdlora-rr", "sdlora-kd"))
+from clbench.methods.sdlora import rank_for_task  # noqa: E402  (after registry discovery)
+
+DIM = 24
+
+
+def tiny_vit(img=16, dim=DIM, depth=2, heads=3):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=img, patch_size=4, embed_dim=dim, depth=depth,
+                             num_heads=heads, num_classes=0).eval()
+
+
+def lora_model(depth=2):
+    model = CLModel(tiny_vit(depth=depth), DIM)
+    model.backbone.requires_grad_(False)
+    return model, DecoupledLoRA(model)
+
+
+def train_pair(lora, generator, scale=0.3):
+    """Stand-in for training: random current B's and magnitudes."""
+    for s in lora.slices():
+        s.B_cur.data.copy_(scale * torch.randn(s.B_cur.shape, generator=generator))
+    lora.magnitudes.alpha.data.copy_(0.5 + torch.rand(lora.n_tasks, generator=generator))
+
+
+class Images(Dataset):
+    def __init__(self, x, y):
+        self.x, self.targets = x, y.tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+def tensor_stream(n_classes, n_tasks, train_per_class, img=16, seed=0):
+    """Random images whose class shifts the mean, so a few steps learn something."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(per_class):
+        y = torch.arange(n_classes).repeat_interleave(per_class)
+        x = torch.rand(len(y), 3, img, img, generator=g) * 0.5 + (y.float() / n_classes).view(-1, 1, 1, 1)
+        return Images(x, y)
+
+    split = SplitData(make(train_per_class), make(2), {})
+    return build_stream(split, list(range(n_classes)), n_tasks)
+
+
+def build(cls, vit, plugins=(), **config):
+    model = CLModel(vit, vit.num_features)
+    return cls(model=model, config=cls.Config(**config), plugins=list(plugins), seed=0)
+
+
+# ------------------------------------------------------------------ 1. zero-init identity
+def test_zero_init_identity_with_frozen_backbone():
+    frozen = tiny_vit()  # the same seeded weights, no adapters
+    model, lora = lora_model()
+    lora.begin_task(0, 4, "factor_product", reset_magnitudes=True, init=0.8)
+    lora.magnitudes.alpha.data.fill_(3.7)  # any magnitude
+    x = torch.rand(3, 3, 16, 16)
+    for train in (True, False):
+        model.train(train)
+        assert torch.equal(model.features(x), frozen(x))
+
+
+# ------------------------------------------------------------------ integration run: 2, 3, 4, 6
+class Probe(SupervisedPlugin):
+    """Gradients at the first step of task 1; head and adapter state after every task."""
+
+    def __init__(self):
+        super().__init__()
+        self.grads, self.states = None, []
+
+    def after_backward(self, strategy, **kwargs):
+        if strategy.task == 1 and self.grads is None:
+            self.grads = {n: (None if p.grad is None else p.grad.clone())
+                          for n, p in strategy.model.named_parameters()}
+            self.known = strategy.known_classes
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.states.append({k: v.clone() for k, v in strategy.model.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def trained():
+    stream = tensor_stream(n_classes=6, n_tasks=3, train_per_class=12)
+    probe = Probe()
+    vit = tiny_vit()
+    pretrained = {k: v.clone() for k, v in vit.state_dict().items()}
+    strategy = build(SDLoRA, vit, [probe], epochs=2, lr=0.05, batch_size=8, ranks=[4])
+    counts = []
+    for t in range(3):
+        strategy.train(stream.train[t])
+        counts.append(strategy.trainable_parameter_count())
+    return strategy, probe, pretrained, counts
+
+
+def test_old_directions_and_pretrained_weights_bit_identical(trained):
+    strategy, probe, pretrained, _ = trained
+    first, last = probe.states[0], probe.states[2]
+    slice_keys = [k for k in first if ".slices." in k and k.rsplit(".", 1)[1] in ("A", "B")]
+    assert len(slice_keys) == 2 * 2 * 2  # 2 blocks × {q, v} × {A, B}
+    for key in slice_keys:
+        rank = first[key].shape[0] if key.endswith(".A") else first[key].shape[1]
+        old = last[key][:rank] if key.endswith(".A") else last[key][:, :rank]
+        assert torch.equal(old, first[key]), key
+    now = strategy.model.backbone.state_dict()
+    for key, value in pretrained.items():
+        mapped = key.replace("attn.qkv.", "attn.qkv.qkv.")
+        assert torch.equal(now[mapped], value), key
+
+
+def test_exactly_the_right_parameters_get_gradients(trained):
+    _, probe, _, _ = trained
+    grads = probe.grads
+    with_grad = {n for n, g in grads.items() if g is not None}
+    lora_pairs = {n for n in grads if n.endswith(("A_cur", "B_cur"))}
+    assert len(lora_pairs) == 2 * 2 * 2
+    assert with_grad == lora_pairs | {"sdlora_magnitudes.alpha", "head.fc.weight", "head.fc.bias"}
+    # B_1 = 0 at the first step: no gradient reaches A_1 or α_1, while B_1 and α_0 move
+    for n in lora_pairs:
+        if n.endswith("A_cur"):
+            assert torch.count_nonzero(grads[n]) == 0, n
+        else:
+            assert torch.count_nonzero(grads[n]) > 0, n
+    alpha = grads["sdlora_magnitudes.alpha"]
+    assert alpha.shape == (2,) and alpha[1] == 0 and alpha[0] != 0
+    known = probe.known
+    assert torch.count_nonzero(grads["head.fc.weight"][:known]) == 0
+    assert torch.count_nonzero(grads["head.fc.bias"][:known]) == 0
+    assert torch.count_nonzero(grads["head.fc.weight"][known:]) > 0
+
+
+def test_old_head_rows_unchanged(trained):
+    _, probe, _, _ = trained
+    for t in (1, 2):
+        before, after = probe.states[t - 1], probe.states[t]
+        rows = before["head.fc.weight"].shape[0]
+        assert torch.equal(after["head.fc.weight"][:rows], before["head.fc.weight"])
+        assert torch.equal(after["head.fc.bias"][:rows], before["head.fc.bias"])
+        assert not torch.equal(after["head.fc.weight"][rows:], torch.zeros_like(after["head.fc.weight"][rows:]))
+
+
+def test_normalisation_mode_pinned_and_magnitudes_reset(trained):
+    strategy = trained[0]
+    assert SDLoRA.Config().mode == "official" and strategy.norm == "factor_product"
+    assert torch.optim.SGD is type(strategy.make_optimizer_for_task([torch.nn.Parameter(torch.ones(1))]))
+    for s in strategy.lora.slices():
+        for _, cols in list(s.spans())[:-1]:  # the last one is still raw until the next task
+            A, B = s.A[cols], s.B[:, cols]
+            assert s.col_inv_norm[cols.start] == pytest.approx(1 / (B.norm() * A.norm()).item(), rel=1e-6)
+            direction = (B * s.col_inv_norm[cols]) @ A
+            assert direction.norm() < 1  # ‖BA‖ < ‖B‖‖A‖ for these rank-4 factors
+    # the trained model's parameter count: 2 blocks × 2 × (24·4·2) LoRA + t magnitudes + head
+    assert trained[3] == [768 + 1 + 24 * 2 + 2, 768 + 2 + 24 * 4 + 4, 768 + 3 + 24 * 6 + 6]
+
+
+@pytest.mark.parametrize("norm,exact_unit", [("factor_product", False), ("frobenius", True)])
+def test_direction_norms(norm, exact_unit):
+    _, lora = lora_model()
+    g = torch.Generator().manual_seed(1)
+    for t in range(3):
+        lora.begin_task(t, 4, norm, reset_magnitudes=norm == "factor_product", init=1.0)
+        train_pair(lora, g)
+        lora.end_task(None, norm)
+    lora.begin_task(3, 4, norm, reset_magnitudes=False, init=1.0)
+    for s in lora.slices():
+        for d in s.directions():
+            if exact_unit:
+                assert d.norm().item() == pytest.approx(1.0, abs=1e-5)
+            else:
+                assert d.norm().item() < 1.0 - 1e-3
+
+
+def test_magnitudes_reset_in_official_mode_carried_in_paper_mode():
+    for reset, expected in ((True, [0.8, 0.8]), (False, [1.3, 0.8])):
+        _, lora = lora_model()
+        lora.begin_task(0, 2, "frobenius", reset_magnitudes=reset, init=0.8)
+        lora.magnitudes.alpha.data.fill_(1.3)
+        lora.end_task(None, "frobenius")
+        lora.begin_task(1, 2, "frobenius", reset_magnitudes=reset, init=0.8)
+        assert lora.magnitudes.alpha.tolist() == pytest.approx(expected)
+
+
+def test_mode_selects_optimizer_and_per_benchmark_defaults():
+    plan = runner.RunPlan(run_dir="unused")
+    cfg = lambda bench, *o: runner.method_config(SDLoRA, bench, 10, plan, [parse_override(x) for x in o])  # noqa: E731
+    official = cfg("imagenet-r")
+    assert (official.mode, official.lr, official.epochs, official.batch_size, official.init_magnitude) == \
+        ("official", 0.01, 20, 128, 0.8)
+    paper = cfg("imagenet-r", "sdlora.mode=paper")
+    assert (paper.lr, paper.epochs, paper.init_magnitude) == (0.008, 30, 1.0)
+    assert cfg("domainnet", "sdlora.mode=paper").epochs == 10
+    ina = cfg("imagenet-a")
+    assert (ina.first_task_lr, ina.lr, ina.lr_milestones, ina.lr_decay) == (0.01, 0.005, [10, 15], 0.05)
+    dom = cfg("domainnet")
+    assert (dom.epochs, dom.lr, dom.lr_milestones, dom.lr_decay) == (10, 0.02, [4, 6, 8], 0.005)
+    assert cfg("cifar100").lr == 0.008 and cfg("cub200").lr_milestones == [10, 15]
+    strategy = build(SDLoRA, tiny_vit(), mode="paper")
+    assert strategy.norm == "frobenius"
+    assert type(strategy.make_optimizer_for_task([torch.nn.Parameter(torch.ones(1))])) is torch.optim.Adam
+
+
+# ------------------------------------------------------------------ 5. merge equivalence
+def test_merged_weight_equivalence_q_v_and_k_untouched():
+    model, lora = lora_model()
+    g = torch.Generator().manual_seed(2)
+    factors = []  # independent record of every (A, B) per slice
+    for t in range(3):
+        lora.begin_task(t, 3, "factor_product", reset_magnitudes=True, init=0.8)
+        train_pair(lora, g)
+        factors.append([(s.A_cur.detach().clone(), s.B_cur.detach().clone()) for s in lora.slices()])
+        if t < 2:
+            lora.end_task(None, "factor_product")
+    alpha = lora.magnitudes.alpha.detach()
+    x = torch.randn(2, 5, DIM)
+    for a, adapter in enumerate(lora.adapters):
+        w = adapter.qkv.weight.detach().clone()
+        for j, target in enumerate(("q", "v")):
+            delta = torch.zeros(DIM, DIM)
+            for t in range(3):
+                A, B = factors[t][2 * a + j]
+                coef = alpha[t] / (B.norm() * A.norm()) if t < 2 else alpha[t]  # last one raw
+                delta += coef * B @ A
+            row = {"q": 0, "v": 2}[target] * DIM
+            w[row:row + DIM] += delta
+        expected = F.linear(x, w, adapter.qkv.bias)
+        adapter.train()
+        assert torch.allclose(adapter(x), expected, atol=1e-5)
+        assert torch.allclose(QKVAdapter.forward(adapter, x), expected, atol=1e-5)  # low-rank path
+        adapter.eval()
+        assert torch.allclose(adapter(x), expected, atol=1e-5)
+        assert torch.equal(adapter.merged_weight()[DIM:2 * DIM], adapter.qkv.weight[DIM:2 * DIM])
+
+
+def test_fast_training_step_matches_low_rank_autograd():
+    """The merged-weight autograd Function gives the same gradients as plain low-rank autograd."""
+    _, lora = lora_model()
+    g = torch.Generator().manual_seed(3)
+    for t in range(3):
+        lora.begin_task(t, 3, "factor_product", reset_magnitudes=True, init=0.8)
+        train_pair(lora, g)
+        if t < 2:
+            lora.end_task(None, "factor_product")
+    adapter = lora.adapters[1]
+    adapter.train()
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    params = [x, lora.magnitudes.alpha] + [p for s in adapter.slices.values() for p in (s.A_cur, s.B_cur)]
+    upstream = torch.randn(2, 5, 3 * DIM, generator=g)
+    fast = torch.autograd.grad(adapter(x), params, upstream)
+    slow = torch.autograd.grad(QKVAdapter.forward(adapter, x), params, upstream)
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------ 7. magnitude sharing
+def test_one_magnitude_per_task_shared_by_every_slice():
+    model, lora = lora_model(depth=3)
+    g = torch.Generator().manual_seed(4)
+    for t in range(3):
+        lora.begin_task(t, 2, "factor_product", reset_magnitudes=True, init=0.8)
+        train_pair(lora, g)
+        lora.end_task(None, "factor_product")
+    lora.begin_task(3, 2, "factor_product", reset_magnitudes=True, init=0.8)
+    magnitude_params = [n for n, _ in model.named_parameters() if "magnitude" in n]
+    assert magnitude_params == ["sdlora_magnitudes.alpha"] and lora.magnitudes.alpha.numel() == 4
+    assert all(adapter.magnitudes is lora.magnitudes for adapter in lora.adapters)
+    before = [s.delta_weight(lora.magnitudes.alpha).detach() for s in lora.slices()]
+    with torch.no_grad():
+        lora.magnitudes.alpha[1] += 0.25
+    for s, old in zip(lora.slices(), before):
+        component = s.directions()[1].float()
+        assert torch.allclose(s.delta_weight(lora.magnitudes.alpha).detach() - old, 0.25 * component, atol=1e-6)
+
+
+# ------------------------------------------------------------------ 8. parameter counts (ViT-B/16 shapes)
+def test_parameter_counts_vit_b16_shapes():
+    import timm
+
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    model = CLModel(vit, 768)
+    model.backbone.requires_grad_(False)
+    lora = DecoupledLoRA(model)
+    for task, rank, expected in ((0, 10, 368_640), (1, 8, 294_912), (2, 6, 221_184)):
+        lora.begin_task(task, rank, "factor_product", reset_magnitudes=True, init=0.8)
+        pairs = sum(s.A_cur.numel() + s.B_cur.numel() for s in lora.slices())
+        trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+        assert pairs == trainable == expected
+        assert lora.magnitudes.alpha.numel() == task + 1
+        lora.end_task(None, "factor_product")
+
+
+# ------------------------------------------------------------------ 9. RR schedule
+def test_rank_reduction_schedule_and_old_ranks_kept():
+    config = SDLoRARR.Config()
+    schedule = [rank_for_task(config, t) for t in range(12)]
+    assert schedule == [10] * 4 + [8] * 4 + [6] * 4
+    assert [rank_for_task(SDLoRA.Config(), t) for t in (0, 9, 30)] == [10, 10, 10]
+    _, lora = lora_model()
+    small = SDLoRARR.Config(ranks=[3, 2, 1], rank_milestones=[4, 8])
+    for t in range(10):
+        lora.begin_task(t, rank_for_task(small, t), "factor_product", reset_magnitudes=True, init=0.8)
+        lora.end_task(None, "factor_product")
+    for s in lora.slices():
+        assert s.components() == [[t, rank_for_task(small, t)] for t in range(10)]
+    with pytest.raises(Exception, match="ranks"):
+        SDLoRARR.Config(ranks=[10, 8])
+
+
+# ------------------------------------------------------------------ 10. KD
+def test_least_squares_fit_recovers_coefficients():
+    g = torch.Generator().manual_seed(5)
+    old = [torch.randn(DIM, DIM, generator=g, dtype=torch.float64) for _ in range(3)]
+    coefficients, residual = least_squares_fit(0.7 * old[0] - 1.2 * old[2], old)
+    assert coefficients.tolist() == pytest.approx([0.7, 0.0, -1.2], abs=1e-9)
+    assert residual < 1e-10
+
+
+def test_kd_absorbs_exact_combination_and_rejects_random_direction():
+    tau = SDLoRAKD.Config().kd_threshold
+    assert tau == 9e-4 and SDLoRA.Config().kd_threshold is None
+    _, lora = lora_model()
+    g = torch.Generator().manual_seed(6)
+    lora.begin_task(0, 3, "factor_product", reset_magnitudes=True, init=0.8)
+    train_pair(lora, g)
+    lora.end_task(tau, "factor_product")
+    lora.begin_task(1, 3, "factor_product", reset_magnitudes=True, init=0.8)
+    train_pair(lora, g)
+    info = lora.end_task(tau, "factor_product")  # a random new direction: kept everywhere
+    assert info["kd_absorbed"] == 0 and info["kd_fitted"] == 4 and info["kd_residual_min"] > 100 * tau
+    assert lora.stored_directions() == 2 * 4
+    # task 2: the new pair is an exact combination 0.6·D_0 − 0.9·D_1 of each slice's directions
+    lora.begin_task(2, 6, "factor_product", reset_magnitudes=True, init=0.8)
+    with torch.no_grad():
+        lora.magnitudes.alpha.copy_(torch.tensor([0.9, 1.1, 1.4]))
+        for s in lora.slices():
+            (_, c0), (_, c1) = s.spans()
+            s.A_cur.copy_(torch.cat([s.A[c0], s.A[c1]]))
+            s.B_cur.copy_(torch.cat([0.6 * s.B[:, c0] * s.col_inv_norm[c0],
+                                     -0.9 * s.B[:, c1] * s.col_inv_norm[c1]], dim=1))
+    before = [a.merged_weight() for a in lora.adapters]
+    info = lora.end_task(tau, "factor_product")
+    assert info["kd_absorbed"] == 4 and info["kd_residual_max"] < 1e-6
+    assert lora.stored_directions() == 2 * 4  # the direction count stays
+    for s in lora.slices():
+        assert s.A_cur is None and s.components() == [[0, 3], [1, 3]]
+        assert float(s.col_offset.abs().max()) > 0
+    for adapter, w in zip(lora.adapters, before):
+        assert torch.allclose(adapter.merged_weight(), w, atol=1e-5)
+    assert lora.structure()["n_tasks"] == 3
+
+
+# ------------------------------------------------------------------ 11. no 21-task limit
+def test_twenty_five_tasks():
+    stream = tensor_stream(n_classes=50, n_tasks=25, train_per_class=2, img=8)
+    vit = VisionTransformer(img_size=8, patch_size=4, embed_dim=12, depth=1, num_heads=2, num_classes=0)
+    strategy = build(SDLoRA, vit, epochs=1, lr=0.01, batch_size=8, eval_batch_size=64, ranks=[2])
+    for t in range(25):
+        strategy.train(stream.train[t])
+    correct, total = strategy.evaluate_counts(stream.test[:25])
+    assert len(correct) == 25 and sum(total) == 100
+    assert strategy.lora.magnitudes.alpha.numel() == 25
+    for s in strategy.lora.slices():
+        assert s.components() == [[t, 2] for t in range(25)]
+    assert strategy.task_info()["stored_directions"] == 25 * 2
+
+
+# ------------------------------------------------------------------ 12. resume, and forgetting on digits
+class _Stop(Exception):
+    pass
+
+
+def _results(run_dir, method):
+    path = Path(run_dir) / "digits-5tasks" / method / "seed-1993" / "results.json"
+    return json.loads(path.read_text())
+
+
+def test_resume_mid_run_gives_identical_results(tmp_path, monkeypatch, tiny_checkpoint):
+    overrides = ["sdlora-rr.rank_milestones=[1,2]", "sdlora-rr.ranks=[4,3,2]"]
+    plan = lambda name: runner.RunPlan(run_dir=str(tmp_path / name), methods=["sdlora-rr"],  # noqa: E731
+                                       checkpoint=str(tiny_checkpoint), epochs=1, overrides=overrides)
+    runner.run(plan("full"), log=lambda *_: None)
+    real = runner.save_checkpoint
+
+    def interrupting(path, checkpoint):  # killed right after task 2 is fully recorded
+        real(path, checkpoint)
+        if checkpoint["state"]["task"] == 1:
+            raise _Stop
+
+    monkeypatch.setattr(runner, "save_checkpoint", interrupting)
+    with pytest.raises(_Stop):
+        runner.run(plan("resumed"), log=lambda *_: None)
+    monkeypatch.setattr(runner, "save_checkpoint", real)
+    logs = []
+    runner.run(plan("resumed"), log=logs.append)
+    assert any("resuming after task 2" in line for line in logs), logs
+    full, resumed = _results(tmp_path / "full", "sdlora-rr"), _results(tmp_path / "resumed", "sdlora-rr")
+    assert resumed["complete"] and resumed["correct"] == full["correct"]
+    assert resumed["method_info"] == full["method_info"]  # magnitudes, ranks, direction counts
+    assert [info["rank"] for info in full["method_info"]] == [4, 3, 2, 2, 2]
+    ckpt = [torch.load(tmp_path / d / "digits-5tasks/sdlora-rr/seed-1993/checkpoint.pt", weights_only=True)
+            for d in ("full", "resumed")]
+    for key, value in ckpt[0]["model"].items():
+        assert torch.equal(value, ckpt[1]["model"][key]), key
+
+
+def test_sdlora_forgets_less_than_finetune_on_digits(tmp_path):
+    plan = runner.RunPlan(run_dir=str(tmp_path / "r"), methods=["sdlora", "finetune"], epochs=2)
+    runner.run(plan, log=lambda *_: None)
+    sdlora, finetune = _results(tmp_path / "r", "sdlora"), _results(tmp_path / "r", "finetune")
+    assert sdlora["forward_passes_per_image"] == 1
+    assert sdlora["metrics"]["forgetting"] < finetune["metrics"]["forgetting"]
+    assert sdlora["metrics"]["final_acc"] > finetune["metrics"]["final_acc"]
