@@ -13,8 +13,8 @@ scale=(0.05, 1)) + flip, test Resize(int(S·8/7), bicubic) + CenterCrop(S), ToTe
 """
 from __future__ import annotations
 
-from clbench.benchmark import Benchmark, SplitData, divisors_as_choices
-from clbench.datasets import Remote, load_presplit, prepare_presplit
+from clbench.benchmark import Benchmark, divisors_as_choices
+from clbench.datasets import PresplitBenchmark, Remote
 from clbench.registry import register_benchmark
 
 DRIVE_ID = "1XbUpnWpJPnItt5zQ6sHJnsjPncnNLvWb"  # RevisitingCIL README, "CUB200" Google Drive link
@@ -28,14 +28,12 @@ REMOTES = {
 
 @register_benchmark("cub200", "CUB-200-2011, 200 classes, ADAM/PILOT pre-split folders, "
                               "10 tasks × 20; --download")
-class CUB200(Benchmark):
+class CUB200(PresplitBenchmark, Benchmark):
     n_classes = 200
     task_choices = divisors_as_choices(200, range(2, 51))
     default_tasks = 10
     default_seeds = (1993,)
     expected_counts = {"adam": 11_788}
-
-    def load(self, image_size: int) -> SplitData:
-        split_root = prepare_presplit(self, REMOTES["adam"], self.root / "cub", "adam",
-                                      self.expected_counts["adam"])
-        return load_presplit(split_root, "cub200-adam-presplit", image_size)
+    remotes = REMOTES
+    folder_name = "cub"
+    protocol = "cub200-adam-presplit"

@@ -13,8 +13,8 @@ scale=(0.05, 1)) + flip, test Resize(int(S·8/7), bicubic) + CenterCrop(S), ToTe
 """
 from __future__ import annotations
 
-from clbench.benchmark import Benchmark, SplitData, divisors_as_choices
-from clbench.datasets import Remote, load_presplit, prepare_presplit
+from clbench.benchmark import Benchmark, divisors_as_choices
+from clbench.datasets import PresplitBenchmark, Remote
 from clbench.registry import register_benchmark
 
 DRIVE_ID = "19l52ua_vvTtttgVRziCZJjal0TPE9f2p"  # RevisitingCIL README, "ImageNet-A" Google Drive link
@@ -28,14 +28,12 @@ REMOTES = {
 
 @register_benchmark("imagenet-a", "ImageNet-A, 200 classes, ADAM/PILOT pre-split folders, "
                                   "10 tasks × 20; --download")
-class ImageNetA(Benchmark):
+class ImageNetA(PresplitBenchmark, Benchmark):
     n_classes = 200
     task_choices = divisors_as_choices(200, range(2, 51))
     default_tasks = 10
     default_seeds = (1993,)
     expected_counts = {"adam": 7_500}
-
-    def load(self, image_size: int) -> SplitData:
-        split_root = prepare_presplit(self, REMOTES["adam"], self.root / "imagenet-a", "adam",
-                                      self.expected_counts["adam"])
-        return load_presplit(split_root, "imagenet-a-adam-presplit", image_size)
+    remotes = REMOTES
+    folder_name = "imagenet-a"
+    protocol = "imagenet-a-adam-presplit"

@@ -325,3 +325,19 @@ def load_presplit(split_root: Path, protocol: str, image_size: int):
         ImageFiles(split_root / "train", train_files, train_targets, train_transform(image_size)),
         ImageFiles(split_root / "test", test_files, test_targets, test_transform(image_size)),
         identity)
+
+
+class PresplitBenchmark:
+    """Mixin for a ``Benchmark`` distributed as one archive of pre-split ``train/`` and ``test/``
+    folders (the ADAM/RevisitingCIL and LAMDA-PILOT archives): subclasses set ``remotes``,
+    ``folder_name`` and ``protocol``."""
+
+    remotes: dict = {}
+    folder_name = ""
+    protocol = ""
+    expected_counts = {"adam": 0}
+
+    def load(self, image_size: int):
+        split_root = prepare_presplit(self, self.remotes["adam"], self.root / self.folder_name,
+                                      "adam", self.expected_counts["adam"])
+        return load_presplit(split_root, self.protocol, image_size)
