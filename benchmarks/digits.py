@@ -17,15 +17,23 @@ from clbench.registry import register_benchmark
 
 
 class TensorImages(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    """In-memory images, resized per item when the backbone wants another input size (a ViT-B/16
+    would otherwise need 1 GB of 224-pixel copies up front)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int | None = None):
         self.images = images
         self.targets = labels.tolist()
+        self.size = size
 
     def __len__(self):
         return len(self.targets)
 
     def __getitem__(self, index):
-        return self.images[index], self.targets[index]
+        image = self.images[index]
+        if self.size is not None:
+            image = torch.nn.functional.interpolate(
+                image[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+        return image, self.targets[index]
 
 
 @register_benchmark("digits", "embedded default: scikit-learn handwritten digits, 16×16, "
@@ -41,13 +49,11 @@ class Digits(Benchmark):
         from clbench.digits_data import IMAGE_SIZE, load_digits_tensors
 
         x_train, y_train, x_test, y_test = load_digits_tensors()
-        if image_size != IMAGE_SIZE:
-            resize = lambda x: torch.nn.functional.interpolate(  # noqa: E731
-                x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-            x_train, x_test = resize(x_train), resize(x_test)
         digest = hashlib.sha256()
         for tensor in (x_train, y_train, x_test, y_test):
             digest.update(tensor.numpy().tobytes())
         identity = {"protocol": "sklearn-digits-stratified-30pct-seed0", "n_train": len(y_train),
                     "n_test": len(y_test), "hash": digest.hexdigest()}
-        return SplitData(TensorImages(x_train, y_train), TensorImages(x_test, y_test), identity)
+        size = None if image_size == IMAGE_SIZE else image_size
+        return SplitData(TensorImages(x_train, y_train, size), TensorImages(x_test, y_test, size),
+                         identity)

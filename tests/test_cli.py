@@ -179,3 +179,28 @@ def test_ddp_two_gloo_processes_match_a_single_process(tmp_path, cli, tiny_check
     for row_single, row_ddp in zip(single["correct"], ddp["correct"]):
         for a, b in zip(row_single, row_ddp):
             assert abs(a - b) <= 2  # floating-point reduction order may flip a borderline sample
+
+
+def test_offline_without_cached_weights_fails_fast_with_advice(tmp_path, monkeypatch):
+    from clbench.backbones import load_backbone
+    from clbench.errors import UsageError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError) as error:
+        load_backbone("vit-b16-in21k-ft-in1k")
+    message = str(error.value)
+    assert "vit_base_patch16_224.augreg2_in21k_ft_in1k" in message and "--checkpoint" in message
+
+
+def test_run_streams_per_task_metrics_to_wandb_offline(tmp_path, cli, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-root"))
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    code, _, err = cli("run", "--methods", "linear-probe", "--epochs", "1", "--tasks", "2",
+                       "--checkpoint", tiny_checkpoint, "--out", tmp_path, "--name", "wb",
+                       "--wandb", "offline", "--no-report")
+    assert code == 0, err
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "no offline W&B run directory was written"
+    assert any(f.suffix == ".wandb" for run in runs for f in run.iterdir())
