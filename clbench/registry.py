@@ -67,6 +67,9 @@ class Registry:
         self.discover()
         return sorted(self._entries)
 
+    def builtin_names(self) -> list[str]:
+        return [n for n in self.names() if self._entries[n].origin == "built-in"]
+
     def entries(self) -> list[Entry]:
         return [self._entries[n] for n in self.names()]
 

@@ -107,7 +107,7 @@ def prepare(plan: RunPlan):
     load_plugins(plan.plugins)
     overrides = [hparams.parse_override(o) for o in plan.overrides]
     bench_cls = BENCHMARKS.get(plan.benchmark)
-    methods = plan.methods or [n for n in METHODS.names() if METHODS._entries[n].origin == "built-in"]
+    methods = plan.methods or METHODS.builtin_names()
     classes = {name: METHODS.get(name) for name in methods}
     bench_config = bench_cls.Config()
     bench_config = dataclasses.replace(
