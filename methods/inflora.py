@@ -47,7 +47,7 @@ from clbench.adapters import SLICE_INDEX, QKVAdapter, install_qkv_adapters
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
 from clbench.registry import register_method
-from clbench.strategy import CLStrategy
+from clbench.strategy import CLStrategy, cosine_per_epoch
 from clbench.subspace import LayerMemory, SecondMoments, design_down, threshold
 
 DOWN_SCALE = 1 / math.sqrt(3)  # hard-coded in the official code
@@ -144,13 +144,6 @@ class InfLoRAAdapter(QKVAdapter):
         self.invalidate()
 
 
-def official_cosine(optimizer, epochs: int):
-    """InfLoRA/CODA ``CosineSchedule``: lr_e = lr·cos(99πe / (200(K−1))), e = 0..K−1."""
-    def factor(epoch: int) -> float:
-        return 1.0 if epochs <= 1 else math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 @register_method("inflora", "InfLoRA: k/v LoRA with a designed down-projection orthogonal to "
                             "old tasks' input subspace (DualGPM memory), 1 forward pass")
 class InfLoRA(CLStrategy):
@@ -236,7 +229,7 @@ class InfLoRA(CLStrategy):
 
     def make_scheduler_for_task(self, optimizer):
         if self.config.schedule == "cosine":
-            return official_cosine(optimizer, self.config.epochs)
+            return cosine_per_epoch(optimizer, self.config.epochs)
         if self.config.schedule == "annealing":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.config.epochs)
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, [self.config.step_epoch], 0.1)

@@ -9,7 +9,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from clbench import subspace
 from clbench.strategy import CLModel
-from clbench.methods.inflora import InfLoRA, InfLoRAAdapter, official_cosine
+from clbench.methods.inflora import InfLoRA, InfLoRAAdapter
+from clbench.strategy import cosine_per_epoch
 
 DIM = 48
 
@@ -164,7 +165,7 @@ def test_only_current_up_projections_and_head_train(two_tasks):
 
 def test_official_cosine_schedule():
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched, lrs = official_cosine(opt, 5), []
+    sched, lrs = cosine_per_epoch(opt, 5), []
     for _ in range(5):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
