@@ -31,6 +31,7 @@ import torch
 from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
+from clbench.distributed import all_reduce_sum
 from clbench.methods.inflora import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
 from clbench.registry import register_method
 
@@ -87,16 +88,20 @@ class InfLoRACA(InfLoRA):
         self.model.eval()
         features, labels = [], []
         for batch in self.dataloader:
-            features.append(self.model.features(batch[0].to(self.device)).double().cpu())
-            labels.append(batch[1].cpu())
+            features.append(self.model.features(batch[0].to(self.device)).double())
+            labels.append(batch[1].to(self.device))
         self.model.train(was_training)
         features, labels = torch.cat(features), torch.cat(labels)
-        eye = torch.eye(features.shape[1], dtype=torch.float64)
+        eye = torch.eye(features.shape[1], dtype=torch.float64, device=self.device)
         means, covs = [], []
         for c in range(self.known_classes, self.model.head.n_classes):
+            # sufficient statistics summed over data-parallel ranks: every rank gets the same Gaussians
             x = features[labels == c]
-            means.append(x.mean(0))
-            covs.append((torch.cov(x.T) + self.config.cov_ridge * eye).float())
+            n = all_reduce_sum(torch.tensor(float(len(x)), dtype=torch.float64, device=self.device))
+            mean = all_reduce_sum(x.sum(0)) / n
+            scatter = all_reduce_sum(x.T @ x) - n * torch.outer(mean, mean)
+            means.append(mean.cpu())
+            covs.append((scatter / (n - 1) + self.config.cov_ridge * eye).float().cpu())
         self.class_means = torch.cat([self.class_means, torch.stack(means)])
         self.class_covs = torch.cat([self.class_covs, torch.stack(covs)])
         self.class_task += [task] * len(means)

@@ -278,6 +278,8 @@ def test_classifier_alignment_statistics_and_head_retraining(stream):
     for c in range(2):
         torch.testing.assert_close(s.class_means[c], feats[labels == c].mean(0), atol=1e-4,
                                    rtol=1e-4)
+        expected_cov = torch.cov(feats[labels == c].T) + config.cov_ridge * torch.eye(DIM)
+        torch.testing.assert_close(s.class_covs[c], expected_cov.float(), atol=1e-4, rtol=1e-3)
     assert s.class_task == [0, 0]
     # alignment: Gaussians around separated means → the retrained head separates them all
     s.task = 1
