@@ -45,14 +45,16 @@ def final_task_mean_accuracy(correct: Counts, total: Counts) -> float:
     return sum(last_row) / len(last_row)
 
 
+def per_task_forgetting(acc: Sequence[Sequence[float]]) -> list[float]:
+    """``max_{j <= i <= T-2} acc[i][j] − acc[T-1][j]`` for every task ``j < T-1``."""
+    n = len(acc)
+    return [max(acc[i][j] for i in range(j, n - 1)) - acc[n - 1][j] for j in range(n - 1)]
+
+
 def forgetting(correct: Counts, total: Counts) -> float:
     """Mean over earlier tasks of (best accuracy before the last task − final accuracy)."""
-    acc = accuracy_matrix(correct, total)
-    n = len(acc)
-    if n < 2:
-        return 0.0
-    drops = [max(acc[i][j] for i in range(j, n - 1)) - acc[n - 1][j] for j in range(n - 1)]
-    return sum(drops) / len(drops)
+    drops = per_task_forgetting(accuracy_matrix(correct, total))
+    return sum(drops) / len(drops) if drops else 0.0
 
 
 def backward_transfer(correct: Counts, total: Counts) -> float:

@@ -545,7 +545,6 @@ def measure_loaders(shapes: Shapes, device, model_train_ips: float, workers: int
                     log) -> dict:
     from clbench.streams import Relabeled
 
-    size = 16 if shapes.name == "tiny" else 224
     results = {}
     split, stream = digits_stream(16)
     digits_ips = loader_rate(stream.train[0].dataset, shapes.batch, workers, device, epochs=3)

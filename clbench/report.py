@@ -111,12 +111,6 @@ class Run:
         return len(self.correct)
 
 
-def per_task_forgetting(acc: Sequence[Sequence[float]]) -> list[float]:
-    """``f_j = max_{j <= i <= T-2} acc[i][j] - acc[T-1][j]`` for every task ``j < T-1``."""
-    n = len(acc)
-    return [max(acc[i][j] for i in range(j, n - 1)) - acc[n - 1][j] for j in range(n - 1)]
-
-
 def find_results(paths: Iterable[Path]) -> list[Path]:
     """Every ``results.json`` below the given directories (a file path is taken as is)."""
     found: dict[Path, None] = {}
@@ -202,7 +196,7 @@ def load_run(path: Path) -> Run:
         split_hash=str(split.get("hash", "unknown")),
         class_order=tuple(int(c) for c in data.get("class_order") or ()), complete=complete,
         correct=correct, total=total, metrics=recomputed, curve=curve, acc=acc,
-        task_forgetting=per_task_forgetting(acc) if acc else [],
+        task_forgetting=M.per_task_forgetting(acc) if acc else [],
         trainable_params=params, forward_passes=float(fwd) if fwd is not None else math.nan,
         train_seconds=train_seconds, settings=settings, config=config, label=str(data["method"]),
     )
@@ -619,151 +613,6 @@ def _tex_escape(text: str) -> str:
 # Figures
 # --------------------------------------------------------------------------------------------
 
-def method_colors(labels: Iterable[str]) -> dict[str, Any]:
-    """Fixed colour per row label: sorted names mapped onto tab10 (tab20 beyond 10)."""
-    from matplotlib import colormaps
-
-    names = sorted(set(labels))
-    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
-
-
-def _figure(**kw):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kw)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _integer_ticks(ax, n: int) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=min(n, 10), integer=True))
-    ax.set_xlim(0.5, n + 0.5)
-
-
-def _grid(n: int) -> tuple[int, int]:
-    cols = min(n, 3)
-    return (n + cols - 1) // cols, cols
-
-
-def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]) -> None:
-    import numpy as np
-
-    nrows, ncols = _grid(len(groups))
-    fig = _figure(figsize=(max(8.5, 5.5 * ncols + 2.0), 4.0 * nrows + 0.6), dpi=150,
-                  layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    handles: dict[str, Any] = {}
-    for ax, g in zip(axes, groups):
-        x = np.arange(1, g.n_tasks + 1)
-        for label, seeds in g.by_label().items():
-            curves = np.array([r.curve for r in seeds.values()])
-            mean = curves.mean(axis=0)
-            (line,) = ax.plot(x, mean, marker="o", ms=3, color=colors[label], label=label)
-            if len(curves) >= 2:
-                std = curves.std(axis=0, ddof=1)
-                ax.fill_between(x, mean - std, mean + std, color=colors[label], alpha=0.2,
-                                linewidth=0)
-            handles.setdefault(label, line)
-        ax.set_title(g.label, fontsize=10)
-        ax.set_xlabel("number of tasks learned")
-        ax.set_ylabel("accuracy on seen classes (%)")
-        _integer_ticks(ax, g.n_tasks)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(groups):]:
-        ax.set_visible(False)
-    fig.suptitle("Accuracy on all seen classes after each task\n(mean ± std over seeds)")
-    fig.legend([handles[k] for k in sorted(handles)], sorted(handles), loc="outside right upper",
-               title="method")
-    for path in paths:
-        fig.savefig(path, dpi=150)
-
-
-def plot_acc_matrix(group: Group, label: str, runs: Sequence[Run], color: Any,
-                    path: Path) -> None:
-    import numpy as np
-
-    t = group.n_tasks
-    mats = np.full((len(runs), t, t), np.nan)
-    for k, r in enumerate(runs):
-        for i, row in enumerate(r.acc):
-            mats[k, i, : i + 1] = row[: i + 1]
-    mean = mats.mean(axis=0)
-    size = max(4.5, 0.42 * t + 2.5)
-    fig = _figure(figsize=(size + 1.0, size), dpi=150, layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis", vmin=0, vmax=100)
-    font = max(5.0, min(10.0, 160.0 / t))
-    digits = 1 if t < 15 else 0
-    for i in range(t):
-        for j in range(i + 1):
-            v = mean[i, j]
-            ax.text(j, i, f"{v:.{digits}f}", ha="center", va="center", fontsize=font,
-                    color="white" if v < 60 else "black")
-    ticks = np.arange(t)
-    ax.set_xticks(ticks, [str(k + 1) for k in ticks])
-    ax.set_yticks(ticks, [str(k + 1) for k in ticks])
-    ax.tick_params(labelsize=max(6.0, min(10.0, 200.0 / t)))
-    ax.set_xlabel("evaluated task j")
-    ax.set_ylabel("after training task i")
-    for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(2)
-    n = len(runs)
-    ax.set_title(f"{label}: accuracy on task j after task i (%)\n{group.label}; "
-                 f"mean over {n} seed{'s' if n != 1 else ''}", fontsize=10)
-    fig.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
-    fig.savefig(path, dpi=150)
-
-
-def plot_forgetting(groups: list[Group], colors: dict, path: Path) -> None:
-    import numpy as np
-
-    nrows, ncols = _grid(len(groups))
-    widest = max((g.n_tasks - 1) * len(g.by_label()) for g in groups)
-    width = max(6.0, min(16.0, 0.12 * widest + 3.0))
-    fig = _figure(figsize=(max(8.5, width * ncols + 2.0), 4.0 * nrows + 0.6), dpi=150,
-                  layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    handles: dict[str, Any] = {}
-    for ax, g in zip(axes, groups):
-        by = g.by_label()
-        ax.set_title(g.label, fontsize=10)
-        ax.set_xlabel("task j (learned before the last task)")
-        ax.set_ylabel("forgetting (percentage points)")
-        if g.n_tasks < 2:
-            ax.text(0.5, 0.5, "one task: nothing to forget", ha="center", va="center",
-                    transform=ax.transAxes)
-            continue
-        x = np.arange(1, g.n_tasks)
-        width = 0.8 / len(by)
-        for k, (label, seeds) in enumerate(by.items()):
-            vals = np.array([r.task_forgetting for r in seeds.values()])
-            std = vals.std(axis=0, ddof=1) if len(vals) >= 2 else None
-            bars = ax.bar(x - 0.4 + width * (k + 0.5), vals.mean(axis=0), width, yerr=std,
-                          color=colors[label], label=label, capsize=2 if std is not None else 0,
-                          error_kw={"linewidth": 0.8})
-            handles.setdefault(label, bars)
-        _integer_ticks(ax, g.n_tasks - 1)
-        ax.axhline(0, color="black", linewidth=0.6)
-        ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(groups):]:
-        ax.set_visible(False)
-    fig.suptitle("Per-task forgetting: best accuracy before the last task − final accuracy\n"
-                 "(mean ± std over seeds)")
-    if handles:
-        fig.legend([handles[k] for k in sorted(handles)], sorted(handles),
-                   loc="outside right upper", title="method")
-    fig.savefig(path, dpi=150)
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
 def _incomplete_frame(grouping: Grouping):
     import pandas as pd
 
@@ -843,6 +692,8 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None, name: str | 
 
 def _write_figures(groups: list[Group], out: Path) -> dict[str, Path]:
     """Draw every figure; return {W&B key: file}."""
+    from clbench.plots import method_colors, plot_acc_curves, plot_acc_matrix, plot_forgetting
+
     files: dict[str, Path] = {}
     if not groups:
         return files

@@ -216,7 +216,7 @@ def test_figures_written(abc_report):
 
 def test_per_task_forgetting_matches_metric():
     acc = [[80.0], [90.0, 94.0], [70.0, 88.0, 93.0]]  # task 1 improves after task 2 (backward)
-    per_task = report.per_task_forgetting(acc)
+    per_task = M.per_task_forgetting(acc)
     assert per_task == [90.0 - 70.0, 94.0 - 88.0]  # max over i in [j, T-2], not acc[j][j]
     correct = [[round(a * 2) for a in row] for row in acc]
     total = [[200] * len(row) for row in acc]
