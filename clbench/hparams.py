@@ -80,16 +80,6 @@ def field_types(config_cls) -> dict[str, object]:
     return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
 
 
-def apply(config, values: dict, where: str):
-    """Return a copy of ``config`` with typed ``values`` (already parsed) applied."""
-    types = field_types(type(config))
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        raise UsageError(f"unknown {where} hyperparameter(s) {', '.join(unknown)}; "
-                         f"valid: {', '.join(sorted(types))}")
-    return dataclasses.replace(config, **values)
-
-
 def resolve_overrides(config, overrides: list[Override], scope: str) -> dict:
     """Typed values of the overrides that target ``scope`` (explicitly or by bare key)."""
     types = field_types(type(config))

@@ -70,9 +70,6 @@ class Registry:
     def builtin_names(self) -> list[str]:
         return [n for n in self.names() if self._entries[n].origin == "built-in"]
 
-    def entries(self) -> list[Entry]:
-        return [self._entries[n] for n in self.names()]
-
     def get(self, name: str) -> type:
         self.discover()
         if name not in self._entries:
