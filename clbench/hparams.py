@@ -11,14 +11,19 @@ import ast
 import dataclasses
 import typing
 from dataclasses import dataclass
+from typing import ClassVar
 
 from clbench.errors import UsageError
 
 
 @dataclass
 class TrainConfig:
-    """Training budget shared by every method; ``--epochs/--lr/--batch-size`` override it for all."""
+    """Training budget shared by every method; ``--epochs/--lr/--batch-size`` override it for all.
 
+    ``lr_scaled_fields`` is the method's side of that contract: other learning rates of the
+    config (a first-task or head lr) that ``--lr`` scales by the same factor as ``lr``."""
+
+    lr_scaled_fields: ClassVar[tuple[str, ...]] = ()
     epochs: int = 5
     lr: float = 0.01
     batch_size: int = 32

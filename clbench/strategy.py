@@ -16,7 +16,6 @@ all seen classes, with no task identity.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -31,7 +30,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from clbench import distributed  # noqa: E402
+from clbench.context import RunContext  # noqa: E402
 from clbench.hparams import TrainConfig  # noqa: E402
+from clbench.schedules import cosine_per_epoch  # noqa: E402,F401  (re-exported for methods)
 
 
 class IncrementalHead(nn.Module):
@@ -102,9 +103,16 @@ class CLStrategy(SupervisedTemplate):
         """Per-benchmark hyperparameters from the paper/official code (override in subclasses)."""
         return {}
 
-    def __init__(self, *, model: CLModel, config, device="cpu", plugins=None, evaluator=None,
-                 num_workers: int = 0, seed: int = 0):
+    @classmethod
+    def validate(cls, config, context: RunContext) -> None:
+        """Checks that need the run (backbone depth, number of tasks...); raise ``UsageError``.
+        Called for every job before any job trains. Field-local checks go in the Config's
+        ``__post_init__``."""
+
+    def __init__(self, *, model: CLModel, config, context: RunContext | None = None, device="cpu",
+                 plugins=None, evaluator=None, num_workers: int = 0, seed: int = 0):
         self.config = config
+        self.context = context if context is not None else RunContext.for_backbone(model.backbone)
         self.seed = seed
         self.num_workers = num_workers
         self.task = -1
@@ -130,6 +138,11 @@ class CLStrategy(SupervisedTemplate):
 
     def after_task(self, task: int) -> None:
         """Called after the last epoch of a task, before evaluation."""
+
+    def epochs_for_task(self, task: int) -> int:
+        """Gradient epochs for this task; 0 means the task is learnt without gradient steps
+        (statistics collected in ``after_task``, where ``self.dataloader`` is still this task's)."""
+        return self.config.epochs
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -257,13 +270,3 @@ class CLStrategy(SupervisedTemplate):
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
-
-
-def cosine_per_epoch(optimizer, epochs: int):
-    """The per-epoch cosine of the CODA-Prompt / InfLoRA codes (utils/schedulers.py
-    ``CosineSchedule``): epoch e of K trains at lr·cos(99π·e / (200·(K−1))), i.e. from lr down to
-    ≈0.016·lr in the last epoch (never 0); K = 1 keeps lr."""
-    def factor(epoch: int) -> float:
-        return math.cos(99 * math.pi * epoch / (200 * (epochs - 1))) if epochs > 1 else 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

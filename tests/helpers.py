@@ -1,0 +1,50 @@
+"""Small builders shared by the tests: a tiny timm ViT, tensor datasets and streams, a strategy."""
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Dataset
+
+from clbench.benchmark import SplitData
+from clbench.context import RunContext
+from clbench.streams import build_stream
+from clbench.strategy import CLModel
+
+DIM = 24
+
+
+def tiny_vit(img=16, dim=DIM, depth=2, heads=3):
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=img, patch_size=4, embed_dim=dim, depth=depth,
+                             num_heads=heads, num_classes=0).eval()
+
+
+class Images(Dataset):
+    def __init__(self, x, y):
+        self.x, self.targets = x, y.tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+def tensor_stream(n_classes, n_tasks, train_per_class, img=16, seed=0, test_per_class=2):
+    """Random images whose class shifts the mean, so a few steps learn something."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(per_class):
+        y = torch.arange(n_classes).repeat_interleave(per_class)
+        x = torch.rand(len(y), 3, img, img, generator=g) * 0.5 + (y.float() / n_classes).view(-1, 1, 1, 1)
+        return Images(x, y)
+
+    split = SplitData(make(train_per_class), make(test_per_class), {})
+    return build_stream(split, list(range(n_classes)), n_tasks)
+
+
+def build(cls, vit, plugins=(), n_tasks=5, classes_per_task=(), **config):
+    """A strategy of class ``cls`` on ``vit`` with a run context for ``n_tasks`` tasks."""
+    model = CLModel(vit, vit.num_features)
+    context = RunContext.for_backbone(vit, n_tasks=n_tasks, classes_per_task=tuple(classes_per_task))
+    return cls(model=model, config=cls.Config(**config), context=context, plugins=list(plugins), seed=0)
