@@ -174,3 +174,14 @@ def _create_from_hub(timm, tag: str, kwargs: dict):
     if not _hub_reachable():
         raise UsageError(advice)
     return timm.create_model(tag, **kwargs)
+
+
+def architecture(spec: BackboneSpec) -> tuple[int, int]:
+    """(depth, embed_dim) of the backbone, read off a weightless model on the meta device, so
+    method options can be checked against it before anything loads."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(spec.tag, pretrained=False, num_classes=0, **spec.model_kwargs)
+    return len(getattr(model, "blocks", ())), int(model.num_features)

@@ -14,10 +14,18 @@ WANDB_MODES = ("disabled", "offline", "online")
 def _csv(kind):
     def parse(text: str):
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+        return values
     return parse
+
+
+# `run` flags that define what is computed: with --resume the stored plan decides them.
+PLAN_FLAGS = ("methods", "bench", "tasks", "seeds", "backbone", "checkpoint", "epochs", "batch_size",
+              "lr", "data_dir", "overrides", "plugins", "name", "precision")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
+    run.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None,
+                     help="bf16 autocast (default on CUDA), tf32, or fp32 (default on CPU)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("--ddp", action="store_true",
@@ -82,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sweep.add_argument("--workers", type=int, default=0)
     sweep.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
+    sweep.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None)
     sweep.add_argument("--no-wait", action="store_true", help="submit and return without waiting")
 
     perf = sub.add_parser("perf", help="measure harness overhead and method costs side by side")
@@ -123,15 +134,25 @@ def plan_from_args(args):
     from clbench.runner import RunPlan, load_plan
 
     if args.resume:
-        return load_plan(args.resume)
+        defaults = build_parser().parse_args(["run"])
+        given = [f for f in PLAN_FLAGS if getattr(args, f) != getattr(defaults, f)]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-").replace("overrides", "set") for f in given)
+            raise UsageError(f"--resume continues {args.resume} exactly as planned; drop {flags} "
+                             "(or start a new run with --name)")
+        plan = load_plan(args.resume)
+        plan.device, plan.workers, plan.wandb = args.device, args.workers, args.wandb
+        return plan
     methods = None if args.methods in (None, "all") else [m.strip() for m in args.methods.split(",")]
     name = args.name or f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return RunPlan(run_dir=str(Path(args.out) / name), benchmark=args.bench, n_tasks=args.tasks,
+    if not name or "/" in name or name in (".", ".."):
+        raise UsageError(f"--name {name!r}: give a plain folder name")
+    return RunPlan(run_dir=str(Path(args.out).resolve() / name), benchmark=args.bench, n_tasks=args.tasks,
                    methods=methods or [], seeds=args.seeds or [], backbone=args.backbone,
                    checkpoint=args.checkpoint, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, overrides=args.overrides, plugins=args.plugins,
                    data_dir=args.data_dir, download=args.download, device=args.device,
-                   workers=args.workers, wandb=args.wandb)
+                   workers=args.workers, wandb=args.wandb, precision=args.precision)
 
 
 def relaunch_with_torchrun(args, argv) -> int:
@@ -167,7 +188,7 @@ def cmd_run(args) -> int:
 
     plan = plan_from_args(args)
     try:
-        paths = runner.run(plan)
+        paths = runner.run(plan, resuming=bool(args.resume))
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished tasks are saved; continue with "
               f"`clbench run --resume {plan.run_dir}`", file=sys.stderr)
@@ -182,8 +203,16 @@ def cmd_run(args) -> int:
     if not args.no_report:
         from clbench.report import write_report
 
-        folder = write_report([Path(plan.run_dir)], name=Path(plan.run_dir).name)
+        folder = write_report([Path(plan.run_dir)], out_dir=Path(plan.run_dir) / "report",
+                              name=Path(plan.run_dir).name)
         print(f"report: {folder / 'summary.md'}")
+    from clbench.schema import RunResult
+
+    diverged = [p for p in paths if RunResult.read(p).status == "diverged"]
+    if diverged:
+        print(f"clbench: {len(diverged)} job(s) diverged (non-finite loss or weights); they are "
+              "recorded as diverged and never ranked", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -65,7 +66,7 @@ def _coerce(raw: str, annotation, where: str):
             raise UsageError(f"{where} expects a list of {item_type.__name__}, got {raw!r}")
         return origin(value)
     expected = annotation if isinstance(annotation, type) else None
-    if typing.get_origin(annotation) is typing.Union or str(annotation).startswith("typing.Optional"):
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None:
             return None

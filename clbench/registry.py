@@ -42,6 +42,10 @@ class Registry:
         def decorator(obj: type) -> type:
             doc = description or (obj.__doc__ or "").strip().splitlines()[0:1]
             text = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            existing = self._entries.get(name)
+            if existing is not None and _qualified(existing.obj) != _qualified(obj):
+                raise UsageError(f"{self.kind} {name!r} from {self._origin} is already registered by "
+                                 f"{existing.origin}; register it under another name")
             obj.registered_name = name
             self._entries[name] = Entry(name, obj, text, self._origin)
             return obj
@@ -80,6 +84,10 @@ class Registry:
         return self._entries[name].obj
 
 
+def _qualified(obj) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
 def load_plugin_module(spec: str) -> None:
     """Import a plugin given as a ``.py`` file path or a dotted module name."""
     path = Path(spec)
@@ -90,13 +98,22 @@ def load_plugin_module(spec: str) -> None:
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except UsageError:
+            raise
+        except Exception as exc:  # SyntaxError, ImportError, a bad registered name, ...
+            sys.modules.pop(module_name, None)
+            raise UsageError(f"plugin {spec} fails to load: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}; fix the file") from None
     else:
         try:
             importlib.import_module(spec)
-        except ModuleNotFoundError as exc:
-            raise UsageError(f"plugin module {spec!r} cannot be imported ({exc}): "
-                             "pass a .py file path or an importable module name") from None
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"plugin module {spec!r} cannot be imported ({type(exc).__name__}: "
+                             f"{exc}); pass a .py file path or an importable module name") from None
 
 
 METHODS = Registry("method", "clbench.methods")
@@ -138,14 +155,25 @@ def static_entries(registry: Registry, plugin_files: list[str] = ()) -> list[Ent
     spec = importlib.util.find_spec(registry.package)
     found: dict[str, Entry] = {}
     for folder in spec.submodule_search_locations or []:
-        for path in sorted(Path(folder).glob("*.py")):
-            if not path.name.startswith("_"):
+        for path in sorted(Path(folder).rglob("*.py")):  # modules and method packages
+            if not path.name.startswith("_") or path.name == "__init__.py":
                 for name, text in _declared_in(path, decorator):
-                    found[name] = Entry(name, object, text, f"built-in ({path.name})")
+                    found[name] = Entry(name, object, text,
+                                        f"built-in ({path.relative_to(folder).as_posix()})")
     for ep in entry_points(group=registry.package):
         found.setdefault(ep.name, Entry(ep.name, object, "(installed package)", f"entry point {ep.value}"))
     for plugin in plugin_files:
-        if plugin.endswith(".py") and Path(plugin).is_file():
-            for name, text in _declared_in(Path(plugin), decorator):
-                found[name] = Entry(name, object, text, f"plugin file {plugin}")
+        if not plugin.endswith(".py"):
+            continue  # a module name: listed once imported by `run`
+        if not Path(plugin).is_file():
+            raise UsageError(f"plugin file {plugin} not found: pass an existing .py file")
+        try:
+            declared = _declared_in(Path(plugin), decorator)
+        except SyntaxError as exc:
+            raise UsageError(f"plugin {plugin} has a syntax error (line {exc.lineno}); fix the file") from None
+        for name, text in declared:
+            if name in found:
+                raise UsageError(f"{registry.kind} {name!r} from plugin file {plugin} is already "
+                                 f"registered by {found[name].origin}; register it under another name")
+            found[name] = Entry(name, object, text, f"plugin file {plugin}")
     return [found[n] for n in sorted(found)]

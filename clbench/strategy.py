@@ -24,14 +24,17 @@ warnings.filterwarnings("ignore", message="no QP solver found")  # only GEM-styl
 warnings.filterwarnings("ignore", message="No loggers specified")  # clbench records results itself
 warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # the empty head
 
+from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche.training.templates import SupervisedTemplate  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from clbench import distributed  # noqa: E402
+from clbench import distributed, evaluation, precision  # noqa: E402
 from clbench.context import RunContext  # noqa: E402
+from clbench.errors import Diverged  # noqa: E402
 from clbench.hparams import TrainConfig  # noqa: E402
+from clbench.precision import merged  # noqa: E402
 from clbench.schedules import cosine_per_epoch  # noqa: E402,F401  (re-exported for methods)
 
 
@@ -94,8 +97,6 @@ class CLStrategy(SupervisedTemplate):
     registered_name = "?"
     Config = TrainConfig
     forward_passes_per_image = 1
-    # True when the pretrained backbone weights never change: checkpoints then omit them.
-    backbone_frozen = True
     optimizer_name = "sgd"  # "sgd" (momentum 0.9) or "adam"; methods pick per their code
 
     @classmethod
@@ -118,13 +119,17 @@ class CLStrategy(SupervisedTemplate):
         self.task = -1
         self.known_classes = 0  # classes of tasks before the current one
         self.scheduler = None
-        self._pretrained_ids = {id(p) for p in model.backbone.parameters()}
+        self._eval_loader = None
+        # The pretrained weights as loaded (CPU copy): checkpoints store only what changed.
+        self._pretrained = {name: p.detach().to("cpu", copy=True)
+                            for name, p in model.named_parameters() if name.startswith("backbone.")}
         self.prepare_model(model)
         placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         super().__init__(
             model=model, optimizer=placeholder, criterion=nn.CrossEntropyLoss(),
             train_mb_size=config.batch_size, train_epochs=config.epochs,
-            eval_mb_size=config.eval_batch_size, device=device, plugins=plugins,
+            eval_mb_size=config.eval_batch_size, device=device,
+            plugins=[CoreHooks(), *(plugins or [])],
             evaluator=evaluator if evaluator is not None else EvaluationPlugin(loggers=[]))
         self.model.to(self.device)
 
@@ -187,8 +192,15 @@ class CLStrategy(SupervisedTemplate):
         self.model.head.grow(n_new)
         self.model.to(self.device)
         self.before_task(self.task)
-        self.optimizer = self.make_optimizer_for_task(self.trainable_parameters())
-        self.scheduler = self.make_scheduler_for_task(self.optimizer)
+        self.train_epochs = self.epochs_for_task(self.task)
+        params = self.trainable_parameters() if self.train_epochs > 0 else []
+        if params:
+            self.optimizer = self.make_optimizer_for_task(params)
+            self.scheduler = self.make_scheduler_for_task(self.optimizer)
+        else:  # a task learnt without gradient steps: nothing to optimise
+            self.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+            self.scheduler = None
+            self.train_epochs = 0
 
     def make_train_dataloader(self, drop_last=False, **kwargs):
         """Shuffled by a sampler seeded from (seed, task, epoch), sharded over ranks: resumed and
@@ -200,63 +212,76 @@ class CLStrategy(SupervisedTemplate):
             self.adapted_dataset, batch_sampler=sampler, num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
 
-    def make_eval_dataloader(self, **kwargs):
-        dataset = self.adapted_dataset
-        if distributed.world_size() > 1:
-            dataset = torch.utils.data.Subset(dataset, distributed.shard_indices(len(dataset)))
-        self.dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.eval_mb_size, shuffle=False,
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-
-    def _after_backward(self, **kwargs):
-        distributed.reduce_gradients(self.trainable_parameters(), len(self.mb_y))
-        super()._after_backward(**kwargs)
-
     def criterion(self):
         if not self.is_training:
             return F.cross_entropy(self.mb_output, self.mb_y)
         logits = self.mb_output[:, self.known_classes:]
         return F.cross_entropy(logits, self.mb_y - self.known_classes) + self.extra_loss()
 
-    def _after_training_epoch(self, **kwargs):
-        if self.scheduler is not None:
-            self.scheduler.step()
-        super()._after_training_epoch(**kwargs)
-
-    def _after_training_exp(self, **kwargs):
-        self.after_task(self.task)
-        super()._after_training_exp(**kwargs)
-
     # ----------------------------------------------------------------- evaluation counts
+    def precision_context(self):
+        """Autocast for the forward passes (``bf16``); a no-op for ``fp32``/``tf32``."""
+        return precision.autocast(self.context.precision, self.device)
+
     @torch.no_grad()
     def evaluate_counts(self, experiences) -> tuple[list[int], list[int]]:
-        """Correct predictions and sample counts per experience (argmax over all seen classes)."""
-        self._counts = []
-        self.eval(experiences)
-        counts = distributed.all_reduce_sum(
-            torch.tensor(self._counts, dtype=torch.long, device=self.device)).cpu()
-        return counts[:, 0].tolist(), counts[:, 1].tolist()
+        """Correct predictions and sample counts per experience (argmax over all seen classes).
 
-    def _before_eval_exp(self, **kwargs):
-        super()._before_eval_exp(**kwargs)
-        self._counts.append([0, 0])
+        One pass over the union of the seen test sets through one long-lived loader; batches
+        never mix experiences, so batch-dependent inference (L2P's batch vote) sees exactly the
+        batches a per-experience loader would."""
+        stream = experiences[0].origin_stream
+        if self._eval_loader is None or self._eval_loader.stream is not stream:
+            self._eval_loader = evaluation.UnionLoader(
+                stream, self.eval_mb_size, self.num_workers, self.device)
+        loader = self._eval_loader.upto(len(experiences))
+        n_seen = self.model.head.n_classes
+        correct = torch.zeros(len(experiences), dtype=torch.long, device=self.device)
+        total = torch.zeros_like(correct)
+        was_training = self.is_training
+        self.is_training = False
+        self.model.eval()
+        with merged(self.model), self.precision_context():
+            for self.mbatch in loader:
+                self.mbatch = [t.to(self.device, non_blocking=True) for t in self.mbatch]
+                self.mb_output = self.forward()
+                hits = (self.mb_output[:, :n_seen].argmax(dim=1) == self.mb_y).long()
+                tasks = self.mbatch[2]
+                correct.index_add_(0, tasks, hits)
+                total.index_add_(0, tasks, torch.ones_like(hits))
+        self.is_training = was_training
+        counts = distributed.all_reduce_sum(torch.stack([correct, total])).cpu()
+        return counts[0].tolist(), counts[1].tolist()
 
-    def _after_eval_iteration(self, **kwargs):
-        predictions = self.mb_output.argmax(dim=1)
-        self._counts[-1][0] += int((predictions == self.mb_y).sum())
-        self._counts[-1][1] += int(self.mb_y.numel())
-        super()._after_eval_iteration(**kwargs)
+    @torch.no_grad()
+    def count_gflops(self, experience) -> float:
+        """Floating-point operations of the inference path for one test image (counted with
+        ``FlopCounterMode``, adapters merged as in evaluation), in GFLOPs."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x, y = experience.dataset.eval()[0][:2]
+        self.mbatch = [x[None].to(self.device), torch.tensor([y], device=self.device),
+                       torch.zeros(1, dtype=torch.long, device=self.device)]
+        self.is_training = False
+        self.model.eval()
+        with merged(self.model), FlopCounterMode(display=False) as counter:
+            self.forward()
+        return counter.get_total_flops() / 1e9
 
     # ----------------------------------------------------------------- checkpoints
     def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+        return sum(p.numel() for p in self.trainable_parameters()) if self.train_epochs else 0
+
+    def _unchanged_pretrained(self) -> set[str]:
+        """Names of model tensors still bit-identical to the pretrained weights."""
+        current = dict(self.model.named_parameters())
+        return {name for name, weight in self._pretrained.items()
+                if name in current and torch.equal(current[name].detach().cpu(), weight)}
 
     def checkpoint(self) -> dict:
-        """Model tensors (without the untouched pretrained weights) and the method's state."""
-        skip = set()
-        if self.backbone_frozen:
-            skip = {name for name, p in self.model.named_parameters(remove_duplicate=False)
-                    if id(p) in self._pretrained_ids}
+        """Model tensors except pretrained weights that are still untouched (whatever the method
+        trains, and whatever it changed in place, is saved), and the method's state."""
+        skip = self._unchanged_pretrained()
         tensors = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k not in skip}
         return {"model": tensors, "state": self.extra_state()}
 
@@ -264,9 +289,45 @@ class CLStrategy(SupervisedTemplate):
         self.restore_structure(checkpoint["state"])
         self.model.to(self.device)
         missing, unexpected = self.model.load_state_dict(checkpoint["model"], strict=False)
-        pretrained_names = {name for name, p in self.model.named_parameters(remove_duplicate=False)
-                            if id(p) in self._pretrained_ids}
-        missing = [m for m in missing if not (self.backbone_frozen and m in pretrained_names)]
+        missing = [m for m in missing if m not in self._pretrained]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
+
+    def check_finite(self) -> None:
+        """Raise ``Diverged`` if a loss of this task or a trainable weight is not finite."""
+        if not bool(self._finite):
+            raise Diverged(f"non-finite loss while training task {self.task + 1}")
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if trained and not bool(torch.stack([torch.isfinite(p).all() for _, p in trained]).all()):
+            name = next(n for n, p in trained if not bool(torch.isfinite(p).all()))
+            raise Diverged(f"non-finite weights after task {self.task + 1} (e.g. {name})")
+
+
+class CoreHooks(SupervisedPlugin):
+    """The base class's own work at Avalanche's public callbacks: bf16 autocast around the
+    forward and loss, data-parallel gradient reduction, the per-epoch schedule, a device-side
+    finiteness flag (one host sync per epoch, not per step) and the method's ``after_task``."""
+
+    def before_training_exp(self, strategy, **kwargs):
+        strategy._finite = torch.ones((), dtype=torch.bool, device=strategy.device)
+
+    def before_forward(self, strategy, **kwargs):
+        strategy._autocast = strategy.precision_context()
+        strategy._autocast.__enter__()
+
+    def before_backward(self, strategy, **kwargs):
+        strategy._autocast.__exit__(None, None, None)
+        strategy._finite &= torch.isfinite(strategy.loss.detach()).all()
+
+    def after_backward(self, strategy, **kwargs):
+        distributed.reduce_gradients(strategy.trainable_parameters(), len(strategy.mb_y))
+
+    def after_training_epoch(self, strategy, **kwargs):
+        strategy.check_finite()
+        if strategy.scheduler is not None:
+            strategy.scheduler.step()
+
+    def after_training_exp(self, strategy, **kwargs):
+        strategy.after_task(strategy.task)
+        strategy.check_finite()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from clbench.errors import UsageError
 from clbench.results import read_json, write_json
 
 # RunPlan fields that change what a job computes: a re-run sweep must use the same values.
-RESULT_SETTINGS = ("backbone", "checkpoint", "epochs", "lr", "batch_size", "overrides", "plugins")
+RESULT_SETTINGS = ("backbone", "checkpoint", "epochs", "lr", "batch_size", "overrides", "plugins",
+                   "precision")
 POLL_SECONDS = 1.0
 
 
@@ -96,7 +98,8 @@ def expand_grid(args, sweep_dir: Path) -> list[Cell]:
         backbone=args.backbone, checkpoint=_absolute(args.checkpoint), epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, overrides=list(args.overrides),
         plugins=[_plugin_spec(p) for p in args.plugins], data_dir=_absolute(args.data_dir),
-        device=args.device, workers=args.workers, wandb=args.wandb)
+        device=args.device, workers=args.workers, wandb=args.wandb,
+        precision=args.precision)
     if base.checkpoint and not Path(base.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
     cells = []
@@ -301,6 +304,9 @@ def print_status(cells: list[Cell], jobs: dict, launcher: str, stream=sys.stdout
 def run_sweep(args) -> int:
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = (Path(args.out) / name).resolve()
+    if args.launcher == "slurm" and shutil.which("sbatch") is None:
+        raise UsageError("--launcher slurm: no `sbatch` on this machine; run on a SLURM login node "
+                         "or use --launcher local")
     cells = expand_grid(args, sweep_dir)
     if not cells:
         raise UsageError("the grid is empty")
@@ -341,7 +347,7 @@ def run_sweep(args) -> int:
     from clbench.report import write_report
 
     try:
-        report = write_report([sweep_dir], name=name)
+        report = write_report([sweep_dir], out_dir=sweep_dir / "report", name=name)
         print(f"report: {report / 'summary.md'}")
     except UsageError as exc:
         print(f"no report: {exc}", file=sys.stderr)

@@ -22,7 +22,6 @@ class Finetune(CLStrategy):
     forgetting. SGD momentum 0.9 on the current-task-masked cross-entropy like the other methods."""
 
     Config = FinetuneConfig
-    backbone_frozen = False
 
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
