@@ -28,10 +28,17 @@ PLAN_FLAGS = ("methods", "bench", "tasks", "seeds", "backbone", "checkpoint", "e
               "lr", "data_dir", "overrides", "plugins", "name", "precision")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="clbench", description="Continual-learning benchmark harness for pretrained ViTs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     listing = sub.add_parser("list", help="list methods, benchmarks and backbones")
     listing.add_argument("--plugin", dest="plugins", action="append", default=[],
@@ -244,7 +251,10 @@ COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report, "sweep": cmd
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad flag already reported on one line
+        return int(exit_.code or 0)
     args.argv = argv
     try:
         return COMMANDS[args.command](args)

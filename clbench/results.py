@@ -37,8 +37,9 @@ def write_json(path: Path, data) -> None:
     """Atomic JSON write; an unwritable place is a one-line usage error naming it."""
     try:
         _atomic(Path(path), lambda h: h.write(json.dumps(data, indent=2, sort_keys=False).encode()))
-    except PermissionError:
-        raise UsageError(f"cannot write {path}: the folder is read-only; choose a writable --out") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); "
+                         "choose a writable --out") from None
 
 
 def read_json(path: Path):

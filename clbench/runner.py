@@ -205,6 +205,17 @@ def check_same_settings(job: Job) -> None:
                          "choose another --name, or --resume the run as it was")
 
 
+def ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
+                         "choose a writable --out") from None
+
+
 def json_roundtrip(data):
     import json
 
@@ -237,6 +248,7 @@ def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = Fal
     if record_plan:
         check_run_dir(plan, resuming)
     benchmark, n_tasks, jobs = prepare(plan)
+    ensure_writable(Path(plan.run_dir))
     distributed.init_from_env()
     device = distributed.local_device(resolve_device(plan.device))
     precision.configure(jobs[0].context.precision)
@@ -363,6 +375,9 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         log(f"{job.method} seed {job.seed} | task {task + 1}/{n_tasks} | acc on seen classes "
             f"{accuracy:.2f}% | train {trained - began:.1f}s eval {evaluated - trained:.1f}s")
         tracker.log(task, {"acc_seen": accuracy, **results.metrics})
+    if results.status == "running" and results.tasks_done == n_tasks and main:  # resumed at the end
+        results.status = "complete"
+        results.write(results_path)
     tracker.finish()
     return results_path
 
