@@ -169,19 +169,21 @@ def excluded_frame(grouping: Grouping):
 
 
 def _method_info_markdown(info, group: Group) -> list[str]:
+    import pandas as pd
+
     gdf = info[info["group"] == group.label]
     if not len(gdf):
         return []
-    table = gdf.pivot_table(index=["row", "key"], columns="task", values="value",
-                            aggfunc="first", dropna=False, sort=False)
-    frame = table.reset_index().rename(columns={"row": "Method", "key": "Info"})
-
-    def cell(v) -> str:
+    def cell(v: float) -> str:
         return "" if math.isnan(v) else (str(int(v)) if float(v).is_integer() else f"{v:.3g}")
 
-    for col in frame.columns[2:]:
-        frame[col] = [cell(float(v)) for v in frame[col]]
-    frame.columns = ["Method", "Info"] + [f"task {c}" for c in frame.columns[2:]]
+    tasks = sorted(set(gdf["task"]))
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for row, key, task, value in zip(gdf["row"], gdf["key"], gdf["task"], gdf["value"]):
+        cells.setdefault((row, key), {})[task] = cell(float(value))
+    frame = pd.DataFrame([[row, key, *(c.get(t, "") for t in tasks)]
+                          for (row, key), c in cells.items()],
+                         columns=["Method", "Info", *(f"task {t}" for t in tasks)])
     return ["### Method info (the methods' own per-task records, mean over seeds)", "",
             markdown(frame.astype(str), left=2), "",
             "*From `method_info` in results.json: numeric entries only (e.g. SD-LoRA-KD's "
