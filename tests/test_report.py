@@ -322,6 +322,7 @@ def test_partial_run_is_not_averaged(tmp_path):
     assert df.loc[0, "final_acc_mean"] == pytest.approx(expected)
     inc = pd.read_csv(out / "incomplete_runs.csv")
     assert list(inc["seed"]) == [2] and list(inc["tasks_done"]) == [2]
+    assert list(inc["status"]) == ["incomplete"]
     assert inc.loc[0, "acc_after_last_done_task"] == pytest.approx(15.0)
     md = (out / "summary.md").read_text()
     assert "## Runs left out" in md and "seed-2" in md
@@ -531,6 +532,18 @@ def test_reference_upper_bound_shown_but_not_ranked(tmp_path):
     assert "reference points" in md
 
 
+def test_reference_drawn_dashed_and_named_in_legend(tmp_path):
+    from clbench.report.plots import method_colors, plot_acc_curves
+
+    groups = report.group_runs(report.load_runs([joint_abc(tmp_path / "runs")])).groups
+    labels = [r.label for r in groups[0].runs]
+    fig = plot_acc_curves(groups, method_colors(labels), [tmp_path / "c.png"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "joint (upper bound)" in legend and "sdlora" in legend
+    styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
+    assert styles["joint"] == "--" and styles["sdlora"] == "-"
+
+
 def test_reference_read_from_config_before_the_name(tmp_path):
     root = tmp_path / "runs"
     for seed in range(2):
@@ -734,3 +747,16 @@ def test_wandb_online_unreachable_is_one_line_error(tmp_path, monkeypatch):
         tracking.start_run("online", "p", "g", "n", {}, tmp_path)
     assert "\n" not in str(err.value) and "timeout 20 s" in str(err.value)
     assert seen["settings"].init_timeout == tracking.ONLINE_TIMEOUT_S < 90
+
+
+def test_results_with_wrong_types_is_skipped_not_a_traceback(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    bad = write_results(root, "l2p", 0, mat3(60.0)) / "results.json"
+    data = json.loads(bad.read_text())
+    data["split"] = None
+    data["seconds_per_task"] = [3.0, 4.0, 5.0]
+    bad.write_text(json.dumps(data))
+    with pytest.warns(report.ReportWarning, match="l2p/seed-0/results.json: not a clbench"):
+        runs = report.load_runs([root])
+    assert [r.method for r in runs] == ["sdlora"]

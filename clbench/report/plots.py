@@ -35,6 +35,12 @@ def _spread(groups: list[Group]) -> str:
     return "one seed: no spread shown"
 
 
+def _legend_names(groups: list[Group], labels: list[str]) -> list[str]:
+    """Row labels, with the kind of reference point for rows like the joint upper bound."""
+    kind = {r.label: r.reference for g in groups for r in g.runs if r.reference}
+    return [f"{k} ({kind[k].replace('-', ' ')})" if k in kind else k for k in labels]
+
+
 def _figure(**kw):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -87,7 +93,8 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]):
     for ax in axes[len(groups):]:
         ax.set_visible(False)
     fig.suptitle(f"Accuracy on all seen classes after each task\n({_spread(groups)})")
-    fig.legend([handles[k] for k in sorted(handles)], sorted(handles), loc="outside right upper",
+    fig.legend([handles[k] for k in sorted(handles)], _legend_names(groups, sorted(handles)),
+               loc="outside right upper",
                title="method")
     for path in paths:
         fig.savefig(path, dpi=150)
@@ -167,7 +174,7 @@ def plot_forgetting(groups: list[Group], colors: dict, path: Path):
     fig.suptitle("Per-task forgetting: best accuracy before the last task − final accuracy\n"
                  f"({_spread(groups)})")
     if handles:
-        fig.legend([handles[k] for k in sorted(handles)], sorted(handles),
+        fig.legend([handles[k] for k in sorted(handles)], _legend_names(groups, sorted(handles)),
                    loc="outside right upper", title="method")
     fig.savefig(path, dpi=150)
     return fig

@@ -206,6 +206,9 @@ def load_runs(run_dirs: Iterable[Path], skipped: list[str] | None = None) -> lis
             runs.append(load_run(path, shown))
         except UsageError as exc:
             problems.append(f"skipped {exc}")
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            problems.append(f"skipped {shown}: not a clbench results file "
+                            f"({type(exc).__name__}: {exc})")
     for line in problems:
         warnings.warn(line, ReportWarning, stacklevel=2)
     if skipped is not None:

@@ -161,7 +161,7 @@ def excluded_frame(grouping: Grouping):
     columns = ["group", "method", "row", "seed", "status", "tasks_done", "n_tasks",
                "acc_after_last_done_task", "avg_inc_acc_so_far", "message", "path"]
     rows = [{"group": desc, "method": r.method, "row": r.label, "seed": r.seed,
-             "status": r.status, "tasks_done": r.tasks_done, "n_tasks": r.n_tasks,
+             "status": "incomplete" if r.status == "running" else r.status, "tasks_done": r.tasks_done, "n_tasks": r.n_tasks,
              "acc_after_last_done_task": r.curve[-1] if r.curve else math.nan,
              "avg_inc_acc_so_far": r.metrics["avg_inc_acc"], "message": r.message,
              "path": r.display} for desc, r in grouping.excluded]
