@@ -52,9 +52,47 @@ def per_task_forgetting(acc: Sequence[Sequence[float]]) -> list[float]:
 
 
 def forgetting(correct: Counts, total: Counts) -> float:
-    """Mean over earlier tasks of (best accuracy before the last task − final accuracy)."""
+    """Mean over earlier tasks of (best accuracy before the last task − final accuracy).
+
+    This is Chaudhry et al.'s forgetting (ECCV 2018, "Riemannian Walk"): for every task
+    ``j < T-1``, ``max_{j <= i <= T-2} acc[i][j] − acc[T-1][j]``, averaged over the ``T-1`` tasks;
+    a task that ends better than it ever was counts negative. Papers and codes that report a
+    "forgetting" mean other things; compare like with like:
+
+    * **official SD-LoRA trainer** (``trainer.py``, "Forgetting (CNN)"): the max runs over
+      *every* row, the final one included, so each task's term is ``>= 0`` and the mean is never
+      negative (:func:`forgetting_max_incl_final`); its accuracies are per class-range group.
+    * **CODA-Prompt's F_N** (``utils/calc_forgetting.py``): consecutive drops,
+      ``1/(T-1) · Σ_{t=1}^{T-1} (1/t) Σ_{j<t} (acc[t-1][j] − acc[t][j])``, assuming equal tasks
+      (:func:`forgetting_coda`); recoveries cancel drops and early steps weigh more.
+    * **Avalanche's** ``StreamForgetting`` / ``ExperienceForgetting``: accuracy right after
+      training a task minus its current accuracy, ``acc[j][j] − acc[T-1][j]``, i.e. exactly
+      ``−BWT`` (:func:`backward_transfer`), as a fraction rather than percent.
+
+    All coincide when accuracy on every old task only ever falls after it was learned.
+    """
     drops = per_task_forgetting(accuracy_matrix(correct, total))
     return sum(drops) / len(drops) if drops else 0.0
+
+
+def forgetting_max_incl_final(correct: Counts, total: Counts) -> float:
+    """The official SD-LoRA trainer's forgetting: ``max_{i >= j} acc[i][j] − acc[T-1][j]`` (final
+    row included in the max, so never negative), mean over ``j < T-1``. For comparison only."""
+    acc = accuracy_matrix(correct, total)
+    n = len(acc)
+    if n < 2:
+        return 0.0
+    return sum(max(acc[i][j] for i in range(j, n)) - acc[n - 1][j] for j in range(n - 1)) / (n - 1)
+
+
+def forgetting_coda(correct: Counts, total: Counts) -> float:
+    """CODA-Prompt's F_N: mean over steps t >= 1 of the average drop on tasks ``j < t`` between
+    rows ``t-1`` and ``t``. For comparison only."""
+    acc = accuracy_matrix(correct, total)
+    n = len(acc)
+    if n < 2:
+        return 0.0
+    return sum(sum(acc[t - 1][j] - acc[t][j] for j in range(t)) / t for t in range(1, n)) / (n - 1)
 
 
 def backward_transfer(correct: Counts, total: Counts) -> float:

@@ -8,7 +8,9 @@ disabled; then they do nothing. ``wandb`` is imported lazily so that importing t
 the CLI) stays fast.
 
 Modes: ``disabled`` (nothing), ``offline`` (written under ``<dir>/wandb/offline-run-*``, no network,
-no account; upload later with ``wandb sync``), ``online`` (needs an API key).
+no account; upload later with ``wandb sync``), ``online`` (needs an API key and the network: the
+connection is given :data:`ONLINE_TIMEOUT_S` seconds instead of wandb's 90, then a one-line
+:class:`~clbench.errors.UsageError` suggests ``--wandb offline``).
 No API key or other secret is ever put in a run config: keys that look like secrets are dropped.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Mapping
 from clbench.errors import UsageError
 
 MODES = ("disabled", "offline", "online")
+ONLINE_TIMEOUT_S = 20
 
 _NO_KEY = "W&B online mode needs an API key: run `wandb login` or use --wandb offline"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
@@ -86,16 +89,24 @@ def start_run(mode: str, project: str, group: str, name: str, config: dict, dir:
 
     run_dir = Path(dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        mode=mode,
-        project=project,
-        group=group,
-        name=name,
-        config=_scrub(config or {}),
-        dir=str(run_dir),
-        reinit="create_new",
-        settings=wandb.Settings(console="off"),
-    )
+    try:
+        return wandb.init(
+            mode=mode,
+            project=project,
+            group=group,
+            name=name,
+            config=_scrub(config or {}),
+            dir=str(run_dir),
+            reinit="create_new",
+            settings=wandb.Settings(console="off", init_timeout=ONLINE_TIMEOUT_S),
+        )
+    except Exception as exc:  # noqa: BLE001 - wandb raises several types (CommError, ...)
+        if mode != "online":
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"W&B online: could not start a run (timeout {ONLINE_TIMEOUT_S} s): "
+                         f"{reason[:120]}; check the network and key, or use --wandb offline"
+                         ) from None
 
 
 def log_task(handle, task: int, metrics: dict) -> None:

@@ -51,3 +51,27 @@ def test_single_task_has_no_forgetting():
     assert metrics.summarize([[3]], [[4]]) == {
         "final_acc": 75.0, "avg_inc_acc": 75.0, "forgetting": 0.0, "bwt": 0.0,
         "final_task_mean_acc": 75.0}
+
+
+# A task that ends better than it ever was before (task 0: 50 → 60 → 80), one that recovers
+# (task 1: 90 → 70 → 80): the published forgetting definitions disagree here.
+RECOVER_C = [[5], [6, 9], [8, 7, 9]]
+RECOVER_T = [[10], [10, 10], [10, 10, 10]]
+
+
+def test_forgetting_definitions_differ_as_documented():
+    # Chaudhry (clbench): task 0: max(50, 60) - 80 = -20; task 1: max(90) - 70 = 20 → 0
+    assert metrics.forgetting(RECOVER_C, RECOVER_T) == pytest.approx(0.0)
+    # official SD-LoRA trainer: max includes the final row → task 0: 80 - 80 = 0; task 1: 20 → 10
+    assert metrics.forgetting_max_incl_final(RECOVER_C, RECOVER_T) == pytest.approx(10.0)
+    # CODA F_N: t=1: (50-60)/1 = -10; t=2: ((60-80) + (90-70))/2 = 0 → (-10 + 0) / 2 = -5
+    assert metrics.forgetting_coda(RECOVER_C, RECOVER_T) == pytest.approx(-5.0)
+    # Avalanche's forgetting is acc[j][j] - acc[T-1][j] = -BWT: ((50-80) + (90-70)) / 2 = -5
+    assert -metrics.backward_transfer(RECOVER_C, RECOVER_T) == pytest.approx(-5.0)
+
+
+def test_forgetting_definitions_agree_when_accuracy_only_falls():
+    # CORRECT/TOTAL: every old task only loses accuracy after it was learned
+    ours = metrics.forgetting(CORRECT, TOTAL)
+    assert metrics.forgetting_max_incl_final(CORRECT, TOTAL) == pytest.approx(ours)
+    assert -metrics.backward_transfer(CORRECT, TOTAL) == pytest.approx(ours)

@@ -1,4 +1,7 @@
-"""Tests for clbench.report and clbench.tracking on synthetic results files with known numbers."""
+"""Tests for clbench.report and clbench.tracking on synthetic results files with known numbers.
+
+Fast: every report here is a few small synthetic runs. The module-scoped report fixture draws
+figures once (about 3 s); everything else reuses it or writes a handful of runs."""
 from __future__ import annotations
 
 import json
@@ -22,6 +25,19 @@ from clbench.errors import UsageError  # noqa: E402
 TOTAL = 200  # test samples per task: accuracies in steps of 0.5 %
 
 
+@pytest.fixture(autouse=True)
+def _figures_only_when_asked(request, monkeypatch):
+    """Drawing figures costs ~0.5 s a report: only tests that use ``real_figures`` (or the shared
+    module report) draw them; the others get no figures."""
+    if "real_figures" not in request.fixturenames and "abc_report" not in request.fixturenames:
+        monkeypatch.setattr(report, "_write_figures", lambda groups, out: {})
+
+
+@pytest.fixture
+def real_figures():
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
@@ -32,11 +48,14 @@ def write_results(root: Path, method: str, seed: int, acc: list[list[float]], *,
                   class_order: list[int] | None = None, complete: bool | None = None,
                   totals: list[int] | None = None, stored_metrics: dict | None = None,
                   params: list[int] | None = None, train_s: float = 10.0,
-                  hparams: dict | None = None) -> Path:
+                  hparams: dict | None = None, status: str | None = None,
+                  precision: str = "fp32", gflops: float | None = None,
+                  method_info: list[dict] | None = None, config_extra: dict | None = None) -> Path:
     """Write ``<root>/<benchmark>-<n>tasks/<method>/seed-<k>/{config,results}.json``.
 
     ``acc[i][j]`` is the accuracy (%) on task j after task i; counts are built from it with
-    ``totals[j]`` test samples per task (default 200 each)."""
+    ``totals[j]`` test samples per task (default 200 each). ``complete`` writes the old format
+    (a ``complete`` flag, no ``status``); ``status`` the current schema's field."""
     rows = len(acc)
     n_tasks = n_tasks or rows
     totals = totals or [TOTAL] * n_tasks
@@ -56,11 +75,17 @@ def write_results(root: Path, method: str, seed: int, acc: list[list[float]], *,
         "forward_passes_per_image": 1,
         "seconds_per_task": [{"train": train_s, "eval": 1.0} for _ in range(rows)],
         "split": {"protocol": protocol, "hash": split_hash},
-        "complete": (rows == n_tasks) if complete is None else complete,
+        "precision": precision, "gflops_per_image": gflops,
+        "method_info": method_info or [{} for _ in range(rows)],
     }
+    if status is not None:
+        data["status"] = status
+    else:
+        data["complete"] = (rows == n_tasks) if complete is None else complete
     (run / "results.json").write_text(json.dumps(data))
     config = {"method": method, "benchmark": benchmark, "seed": seed,
-              "hparams": hparams or {"lr": 0.01}, "backbone": {"name": "vit_tiny", "tag": "t"}}
+              "hparams": hparams or {"lr": 0.01}, "backbone": {"name": "vit_tiny", "tag": "t"},
+              **(config_extra or {})}
     (run / "config.json").write_text(json.dumps(config))
     return run
 
@@ -186,8 +211,12 @@ def test_csv_round_trips(abc_report, tmp_path):
                                      report.DEFAULT_METRICS).set_index("row")
     assert sorted(frame.index) == sorted(df.index)
     for col in frame.columns:
-        if col in ("group", "split_protocol", "split_hash", "benchmark", "method", "seeds"):
-            assert list(frame.loc[df.index, col].astype(str)) == list(df[col].astype(str))
+        if col in ("group", "split_protocol", "split_hash", "benchmark", "method", "seeds",
+                   "reference", "precision"):
+            def text(values):
+                return ["" if pd.isna(v) else str(v) for v in values]
+
+            assert text(frame.loc[df.index, col]) == text(df[col]), col
             continue
         ours = pd.to_numeric(frame.loc[df.index, col]).astype(float).to_numpy()
         back = pd.to_numeric(df[col]).astype(float).to_numpy()
@@ -238,7 +267,7 @@ def test_metrics_recomputed_from_counts_not_file(tmp_path):
 # safety: incompatible and incomplete runs
 # ---------------------------------------------------------------------------------------------
 
-def test_different_split_hash_warns_and_separates(tmp_path):
+def test_different_split_hash_warns_and_separates(tmp_path, real_figures):
     root = tmp_path / "runs"
     for seed in range(2):
         write_results(root, "sdlora", seed, mat3(85.0 + seed), split_hash="hash-a")
@@ -293,9 +322,10 @@ def test_partial_run_is_not_averaged(tmp_path):
     assert df.loc[0, "final_acc_mean"] == pytest.approx(expected)
     inc = pd.read_csv(out / "incomplete_runs.csv")
     assert list(inc["seed"]) == [2] and list(inc["tasks_done"]) == [2]
+    assert list(inc["status"]) == ["incomplete"]
     assert inc.loc[0, "acc_after_last_done_task"] == pytest.approx(15.0)
     md = (out / "summary.md").read_text()
-    assert "## Incomplete runs" in md and "seed-2" in md
+    assert "## Runs left out" in md and "seed-2" in md
 
 
 def test_run_marked_complete_but_short_is_incomplete(tmp_path):
@@ -387,7 +417,8 @@ def test_import_is_light():
 SECRET = "0123456789abcdef0123456789abcdef01234567"
 
 
-def test_wandb_offline_writes_table_and_images(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_wandb_offline_writes_table_and_images(tmp_path, monkeypatch, real_figures):
     pytest.importorskip("wandb")
     wb = tmp_path / "wb"
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -446,7 +477,286 @@ def test_malformed_results_is_a_usage_error(tmp_path):
     bad = tmp_path / "runs" / "x" / "results.json"
     bad.parent.mkdir(parents=True)
     bad.write_text(json.dumps({"method": "sdlora", "seed": 0}))
-    with pytest.raises(UsageError, match="missing benchmark, n_tasks, correct, total"):
+    with pytest.warns(report.ReportWarning, match="skipped"), \
+            pytest.raises(UsageError, match="missing benchmark, n_tasks, correct, total"):
         report.load_runs([tmp_path / "runs"])
     with pytest.raises(UsageError, match="not found"):
         report.load_runs([tmp_path / "nowhere"])
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: diverged runs, reference methods, method info, figures, paths, bad files
+# ---------------------------------------------------------------------------------------------
+
+def test_diverged_run_is_listed_apart_and_never_ranked(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_results(root, "sdlora", seed, mat3(85.0 + seed), status="complete")
+        write_results(root, "l2p", seed, mat3(60.0 + seed), status="complete")
+    # NaN training: every row present, constant 10 % -> forgetting 0, BWT 0 ("best" if ranked)
+    flat = [[10.0] * (i + 1) for i in range(3)]
+    for seed in range(2):
+        write_results(root, "finetune", seed, flat, status="diverged")
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv").set_index("row")
+    assert "finetune" not in df.index
+    assert df["forgetting_best"].sum() == 1 and not bool(df.loc["l2p", "final_acc_best"])
+    left = pd.read_csv(out / "incomplete_runs.csv")
+    assert list(left["status"]) == ["diverged", "diverged"]
+    assert list(left["tasks_done"]) == [3, 3]
+    md = (out / "summary.md").read_text()
+    assert "diverged run(s)" in md and "| diverged" in md
+
+
+def joint_abc(root: Path) -> Path:
+    abc_runs(root)
+    for seed in range(3):  # the upper bound beats everyone, and is nearly constant
+        write_results(root, "joint", seed, mat3(95.0 + seed * 0.5, mid=94.0, final_rest=(93.0,)))
+    return root
+
+
+def test_reference_upper_bound_shown_but_not_ranked(tmp_path):
+    out = report.write_report([joint_abc(tmp_path / "runs")], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv").set_index("row")
+    assert df.loc["joint", "reference"] == "upper-bound"
+    assert df["final_acc_mean"].idxmax() == "joint"
+    assert not df.loc["joint", ["final_acc_best", "forgetting_best", "final_acc_sig"]].any()
+    assert math.isnan(df.loc["joint", "final_acc_p_vs_best"])
+    # best continual method is bold; the others are tested against it, not against joint
+    assert bool(df.loc["sdlora", "final_acc_best"])
+    assert df.loc["inflora", "final_acc_p_vs_best"] > 0.05  # against joint it would be < 0.05
+    assert bool(df.loc["l2p", "final_acc_sig"])
+    md = (out / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| joint (upper bound)"))
+    assert "**" not in row and "†" not in row
+    assert "reference points" in md
+
+
+def test_reference_drawn_dashed_and_named_in_legend(tmp_path):
+    from clbench.report.plots import method_colors, plot_acc_curves
+
+    groups = report.group_runs(report.load_runs([joint_abc(tmp_path / "runs")])).groups
+    labels = [r.label for r in groups[0].runs]
+    fig = plot_acc_curves(groups, method_colors(labels), [tmp_path / "c.png"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "joint (upper bound)" in legend and "sdlora" in legend
+    styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
+    assert styles["joint"] == "--" and styles["sdlora"] == "-"
+
+
+def test_reference_read_from_config_before_the_name(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_results(root, "oracle", seed, mat3(99.0), config_extra={"reference": "upper-bound"})
+        write_results(root, "joint", seed, mat3(98.0), config_extra={"reference": None})
+        write_results(root, "sdlora", seed, mat3(80.0 + seed))
+    df = report.summary_frame(report.group_runs(report.load_runs([root])),
+                              report.DEFAULT_METRICS).set_index("row")
+    assert df.loc["oracle", "reference"] == "upper-bound" and not df.loc["oracle", "final_acc_best"]
+    assert df.loc["joint", "reference"] == "" and bool(df.loc["joint", "final_acc_best"])
+
+
+def test_method_info_table_shows_kd_absorptions(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        info = [{"mode": "kd", "rank": 10, "magnitudes": [1.0], "kd_absorbed": 0, "kd_fitted": 0},
+                {"mode": "kd", "rank": 10, "magnitudes": [1.0, 1.0], "kd_absorbed": seed,
+                 "kd_fitted": 24, "kd_residual_min": 0.31},
+                {"mode": "kd", "rank": 10, "magnitudes": [1.0] * 3, "kd_absorbed": 2,
+                 "kd_fitted": 24, "kd_residual_min": 0.35}]
+        write_results(root, "sdlora-kd", seed, mat3(80.0 + seed), method_info=info)
+        write_results(root, "l2p", seed, mat3(60.0))
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    info = pd.read_csv(out / "method_info.csv")
+    absorbed = info[(info["row"] == "sdlora-kd") & (info["key"] == "kd_absorbed")]
+    assert list(absorbed["value"]) == [0.0, 0.5, 2.0]
+    assert set(info["key"]) == {"rank", "kd_absorbed", "kd_fitted", "kd_residual_min"}
+    md = (out / "summary.md").read_text()
+    assert "### Method info" in md
+    line = next(x for x in md.splitlines() if "| kd_absorbed" in x)
+    assert [c.strip() for c in line.strip("|").split("|")] == ["sdlora-kd", "kd_absorbed",
+                                                              "0", "0.5", "2"]
+    residual = next(x for x in md.splitlines() if "| kd_residual_min" in x)
+    assert residual.split("|")[3].strip() == ""  # not fitted at task 1: blank
+
+
+def _lab(color):
+    from matplotlib.colors import to_rgb
+
+    lin = [((c + 0.055) / 1.055) ** 2.4 if c > 0.04045 else c / 12.92 for c in to_rgb(color)]
+    x = (0.4124 * lin[0] + 0.3576 * lin[1] + 0.1805 * lin[2]) / 0.95047
+    y = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    z = (0.0193 * lin[0] + 0.1192 * lin[1] + 0.9505 * lin[2]) / 1.08883
+    f = [v ** (1 / 3) if v > 0.008856 else 7.787 * v + 16 / 116 for v in (x, y, z)]
+    return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+
+def test_twenty_methods_get_clearly_different_colours():
+    from itertools import combinations
+
+    from clbench.report.plots import method_colors
+
+    colors = method_colors(f"method-{k:02d}" for k in range(20))
+    labs = [_lab(c) for c in colors.values()]
+    assert len(set(colors.values())) == 20
+    closest = min(math.dist(a, b) for a, b in combinations(labs, 2))
+    assert closest > 25, closest  # tab20's dark/light pairs are ~17 apart
+    assert all(lab[0] < 85 for lab in labs)  # none too light to see on white
+
+
+def _groups(root: Path, n_tasks: int, seeds=(0,)):
+    for seed in seeds:
+        for method in ("a", "b"):
+            acc = [[90.0 - 2 * (i - j) - (method == "b") for j in range(i + 1)]
+                   for i in range(n_tasks)]
+            write_results(root, method, seed, acc)
+    return report.group_runs(report.load_runs([root])).groups
+
+
+@pytest.mark.parametrize("n_tasks", [2, 12])
+def test_forgetting_plot_ticks_every_task_as_integer(tmp_path, n_tasks):
+    from clbench.report.plots import method_colors, plot_forgetting
+
+    groups = _groups(tmp_path / "runs", n_tasks)
+    fig = plot_forgetting(groups, method_colors(["a", "b"]), tmp_path / "f.png")
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks == list(range(1, n_tasks))
+
+
+def test_one_seed_reports_no_spread(tmp_path, real_figures):
+    from clbench.report.plots import method_colors, plot_acc_curves
+
+    root = tmp_path / "runs"
+    groups = _groups(root, 3)
+    fig = plot_acc_curves(groups, method_colors(["a", "b"]), [tmp_path / "c.png"])
+    assert "±" not in fig._suptitle.get_text() and "one seed" in fig._suptitle.get_text()
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    md = (out / "summary.md").read_text()
+    assert "±" not in md and "One seed per method" in md
+    several = _groups(tmp_path / "runs2", 3, seeds=(0, 1))
+    fig = plot_acc_curves(several, method_colors(["a", "b"]), [tmp_path / "c2.png"])
+    assert "mean ± std" in fig._suptitle.get_text()
+
+
+def test_no_machine_paths_in_report(tmp_path):
+    root = tmp_path / "deep" / "my-run"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    write_results(root, "sdlora", 1, [[20.0]], n_tasks=3)  # incomplete: listed with its file
+    out = report.write_report([root.resolve()], out_dir=tmp_path / "rep")
+    for file in out.iterdir():
+        if file.suffix in (".md", ".csv", ".tex"):
+            text = file.read_text()
+            assert str(tmp_path) not in text and "/deep/" not in text, file.name
+    md = (out / "summary.md").read_text()
+    assert "found under: `my-run`" in md
+    assert "my-run/imagenet-r-3tasks/sdlora/seed-1/results.json" in md
+
+
+def test_rereport_removes_stale_figures_only(tmp_path, real_figures):
+    root = tmp_path / "runs"
+    write_results(root / "one", "sdlora", 0, mat3(85.0))
+    write_results(root / "two", "l2p", 0, mat3(60.0))
+    out = tmp_path / "rep"
+    report.write_report([root], out_dir=out)
+    assert (out / "acc_matrix_l2p.png").exists()
+    (out / "notes.txt").write_text("mine")
+    report.write_report([root / "one"], out_dir=out)
+    assert not (out / "acc_matrix_l2p.png").exists()
+    assert (out / "acc_matrix_sdlora.png").exists() and (out / "notes.txt").exists()
+
+
+def test_corrupt_results_is_skipped_with_one_warning(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_results(root, "sdlora", seed, mat3(85.0 + seed))
+    bad = write_results(root, "l2p", 0, mat3(60.0)) / "results.json"
+    bad.write_text(bad.read_text()[:40])  # truncated by a crash or a full disk
+    with pytest.warns(report.ReportWarning, match=r"skipped cannot read .*l2p/seed-0/results.json"):
+        out = report.write_report([root], out_dir=tmp_path / "rep")
+    assert list(pd.read_csv(out / "summary.csv")["row"]) == ["sdlora"]
+    md = (out / "summary.md").read_text()
+    warning = [line for line in md.splitlines() if "l2p/seed-0/results.json" in line]
+    assert len(warning) == 1 and warning[0].startswith("- **Warning:** skipped cannot read")
+
+
+def test_unwritable_output_is_one_line_usage_error(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UsageError, match="cannot write the report to") as err:
+        report.write_report([root], out_dir=blocker / "rep")
+    assert "\n" not in str(err.value)
+    import os
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UsageError, match="cannot write the report"):
+            report.write_report([root], out_dir=locked)
+
+
+def test_precision_and_gflops_columns(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_results(root, "sdlora", seed, mat3(85.0), precision="bf16", gflops=17.56)
+        write_results(root, "l2p", seed, mat3(60.0), precision="bf16", gflops=None)
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv").set_index("row")
+    assert df.loc["sdlora", "gflops_per_image"] == pytest.approx(17.56)
+    assert math.isnan(df.loc["l2p", "gflops_per_image"])
+    assert set(df["precision"]) == {"bf16"}
+    md = (out / "summary.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert "precision: bf16;" in md and "Precision" not in cols
+    assert cols.index("GFLOPs / test image") == cols.index("Forward passes / test image") + 1
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.splitlines() if line.startswith("| sdlora") or line.startswith("| l2p")}
+    gcol = cols.index("GFLOPs / test image")
+    assert rows["sdlora"][gcol] == "17.6"  # the only measured value: nothing to rank
+    assert rows["l2p"][gcol] == ""
+
+
+def test_mixed_precision_shown_per_row_and_split(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0), precision="bf16")
+    write_results(root, "sdlora", 1, mat3(86.0), precision="fp32")
+    write_results(root, "l2p", 0, mat3(60.0), precision="fp32")
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv")
+    assert sorted(df["row"]) == ["l2p", "sdlora [precision=bf16]", "sdlora [precision=fp32]"]
+    md = (out / "summary.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert "Precision" in [c.strip() for c in header.strip("|").split("|")]
+    assert "precision: " not in md
+
+
+def test_wandb_online_unreachable_is_one_line_error(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    seen = {}
+
+    def fail(**kwargs):
+        seen.update(kwargs)
+        raise wandb.errors.CommError("Run initialization has timed out after 20.0 sec.")
+
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setattr(wandb, "init", fail)
+    with pytest.raises(UsageError, match="use --wandb offline") as err:
+        tracking.start_run("online", "p", "g", "n", {}, tmp_path)
+    assert "\n" not in str(err.value) and "timeout 20 s" in str(err.value)
+    assert seen["settings"].init_timeout == tracking.ONLINE_TIMEOUT_S < 90
+
+
+def test_results_with_wrong_types_is_skipped_not_a_traceback(tmp_path):
+    root = tmp_path / "runs"
+    write_results(root, "sdlora", 0, mat3(85.0))
+    bad = write_results(root, "l2p", 0, mat3(60.0)) / "results.json"
+    data = json.loads(bad.read_text())
+    data["split"] = None
+    data["seconds_per_task"] = [3.0, 4.0, 5.0]
+    bad.write_text(json.dumps(data))
+    with pytest.warns(report.ReportWarning, match="l2p/seed-0/results.json: not a clbench"):
+        runs = report.load_runs([root])
+    assert [r.method for r in runs] == ["sdlora"]

@@ -1,7 +1,8 @@
 """Figures of a report: accuracy curves, task × task accuracy matrices, per-task forgetting.
 
 matplotlib (Agg, no display) is imported inside the functions; one colour per method label is
-kept across every figure of a report.
+kept across every figure of a report, from a list of 20 colours chosen to be told apart
+(:data:`COLORS`). Each plot function returns its ``Figure`` (tests read the axes from it).
 """
 from __future__ import annotations
 
@@ -9,16 +10,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
-    from clbench.report import Group, Run
+    from clbench.report.groups import Group
+    from clbench.report.runs import Run
+
+# matplotlib's tab10, then ten colours picked greedily (largest smallest CIELAB distance to those
+# already chosen, from Kelly's and Trubetskoy's contrast lists, none lighter than L* = 80 so that
+# lines stay visible on white). tab20 pairs a dark and a light shade of each hue, which makes
+# unrelated methods look related; here any two of the 20 differ by ΔE*ab ≥ 27.
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+          "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#000075", "#f032e6", "#f99379",
+          "#c2b280", "#008856", "#a1caf1", "#2b3d26", "#911eb4", "#b3446c")
 
 
 def method_colors(labels: Iterable[str]) -> dict[str, Any]:
-    """Fixed colour per row label: sorted names mapped onto tab10 (tab20 beyond 10)."""
-    from matplotlib import colormaps
-
+    """Fixed colour per row label, in sorted order; beyond 20 labels the list repeats."""
     names = sorted(set(labels))
-    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    return {n: COLORS[i % len(COLORS)] for i, n in enumerate(names)}
+
+
+def _spread(groups: list[Group]) -> str:
+    """What the shading / error bars show: only 'mean ± std' when some row has several seeds."""
+    if any(g.max_seeds() >= 2 for g in groups):
+        return "mean ± std over seeds"
+    return "one seed: no spread shown"
+
+
+def _legend_names(groups: list[Group], labels: list[str]) -> list[str]:
+    """Row labels, with the kind of reference point for rows like the joint upper bound."""
+    kind = {r.label: r.reference for g in groups for r in g.runs if r.reference}
+    return [f"{k} ({kind[k].replace('-', ' ')})" if k in kind else k for k in labels]
 
 
 def _figure(**kw):
@@ -31,9 +51,11 @@ def _figure(**kw):
 
 
 def _integer_ticks(ax, n: int) -> None:
-    from matplotlib.ticker import MaxNLocator
+    """Task numbers on the x axis: every task up to 20, else integer steps."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=min(n, 10), integer=True))
+    ax.xaxis.set_major_locator(FixedLocator(range(1, n + 1)) if n <= 20
+                               else MaxNLocator(nbins=10, integer=True))
     ax.set_xlim(0.5, n + 0.5)
 
 
@@ -42,7 +64,7 @@ def _grid(n: int) -> tuple[int, int]:
     return (n + cols - 1) // cols, cols
 
 
-def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]) -> None:
+def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]):
     import numpy as np
 
     nrows, ncols = _grid(len(groups))
@@ -55,7 +77,9 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]) ->
         for label, seeds in g.by_label().items():
             curves = np.array([r.curve for r in seeds.values()])
             mean = curves.mean(axis=0)
-            (line,) = ax.plot(x, mean, marker="o", ms=3, color=colors[label], label=label)
+            reference = any(r.reference for r in seeds.values())  # e.g. the joint upper bound
+            (line,) = ax.plot(x, mean, marker="o", ms=3, color=colors[label], label=label,
+                              linestyle="--" if reference else "-")
             if len(curves) >= 2:
                 std = curves.std(axis=0, ddof=1)
                 ax.fill_between(x, mean - std, mean + std, color=colors[label], alpha=0.2,
@@ -68,15 +92,16 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]) ->
         ax.grid(alpha=0.3)
     for ax in axes[len(groups):]:
         ax.set_visible(False)
-    fig.suptitle("Accuracy on all seen classes after each task\n(mean ± std over seeds)")
-    fig.legend([handles[k] for k in sorted(handles)], sorted(handles), loc="outside right upper",
+    fig.suptitle(f"Accuracy on all seen classes after each task\n({_spread(groups)})")
+    fig.legend([handles[k] for k in sorted(handles)], _legend_names(groups, sorted(handles)),
+               loc="outside right upper",
                title="method")
     for path in paths:
         fig.savefig(path, dpi=150)
+    return fig
 
 
-def plot_acc_matrix(group: Group, label: str, runs: Sequence[Run], color: Any,
-                    path: Path) -> None:
+def plot_acc_matrix(group: Group, label: str, runs: Sequence[Run], color: Any, path: Path):
     import numpy as np
 
     t = group.n_tasks
@@ -110,9 +135,10 @@ def plot_acc_matrix(group: Group, label: str, runs: Sequence[Run], color: Any,
                  f"mean over {n} seed{'s' if n != 1 else ''}", fontsize=10)
     fig.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
     fig.savefig(path, dpi=150)
+    return fig
 
 
-def plot_forgetting(groups: list[Group], colors: dict, path: Path) -> None:
+def plot_forgetting(groups: list[Group], colors: dict, path: Path):
     import numpy as np
 
     nrows, ncols = _grid(len(groups))
@@ -146,13 +172,10 @@ def plot_forgetting(groups: list[Group], colors: dict, path: Path) -> None:
     for ax in axes[len(groups):]:
         ax.set_visible(False)
     fig.suptitle("Per-task forgetting: best accuracy before the last task − final accuracy\n"
-                 "(mean ± std over seeds)")
+                 f"({_spread(groups)})")
     if handles:
-        fig.legend([handles[k] for k in sorted(handles)], sorted(handles),
+        fig.legend([handles[k] for k in sorted(handles)], _legend_names(groups, sorted(handles)),
                    loc="outside right upper", title="method")
     fig.savefig(path, dpi=150)
+    return fig
 
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
