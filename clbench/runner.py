@@ -117,7 +117,6 @@ def check_budget(plan: RunPlan) -> None:
         (plan.lr is not None and not (math.isfinite(plan.lr) and plan.lr > 0),
          f"--lr {plan.lr}: give a positive finite learning rate"),
         (plan.workers < 0, f"--workers {plan.workers}: give 0 (load in the main process) or more"),
-        (plan.n_tasks is not None and plan.n_tasks < 1, f"--tasks {plan.n_tasks}: give at least 1"),
         (any(s < 0 for s in plan.seeds), f"--seeds {plan.seeds}: seeds are non-negative integers"),
     ]
     for failed, message in checks:
@@ -164,7 +163,7 @@ def prepare(plan: RunPlan):
     bench_config = dataclasses.replace(
         bench_config, **hparams.resolve_overrides(bench_config, overrides, bench_cls.registered_name))
     benchmark = bench_cls(bench_config, data_dir=plan.data_dir, download=plan.download)
-    n_tasks = plan.n_tasks or bench_cls.default_tasks
+    n_tasks = bench_cls.default_tasks if plan.n_tasks is None else plan.n_tasks
     benchmark.check_tasks(n_tasks)
     configs = {name: method_config(cls, benchmark.name, n_tasks, plan, overrides)
                for name, cls in classes.items()}
