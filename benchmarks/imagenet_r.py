@@ -100,9 +100,9 @@ class ImageNetR(Benchmark):
 
     def load(self, image_size: int) -> SplitData:
         if self.config.split == "sdlora":
-            split_root = prepare_presplit(self, REMOTES["sdlora"], self.folder, "sdlora",
-                                          self.expected_counts["sdlora"])
-            return load_presplit(split_root, "imagenet-r-sdlora-adam-presplit", image_size)
+            split_root, marker = prepare_presplit(self, REMOTES["sdlora"], self.folder,
+                                                  "sdlora", self.expected_counts["sdlora"])
+            return load_presplit(split_root, "imagenet-r-sdlora-adam-presplit", image_size, marker)
         self._prepare_coda()
         images = self.folder / "original"
         (train, test), _ = self._coda_lists(images)
