@@ -483,3 +483,50 @@ def test_cli_refuses_a_one_class_split_before_anything_runs(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "identically 0" in err
     assert not (tmp_path / "runs" / "one-class" / "digits-10tasks").exists()
+
+
+def _own_coda_tree(local_data, folder, with_lists: bool):
+    """The authors' images where CODA-Prompt reads them (``<data>/imagenet-r/<wnid>/``), made
+    like the served ``imagenet-r.tar``; optionally with CODA's two lists put there by hand."""
+    fx.image_tree(folder, fx.wnids(200), 3, 12, seed=3, stem="art")
+    if with_lists:
+        for split in ("train", "test"):
+            name = f"imagenet-r_{split}.yaml"
+            shutil.copy(local_data["files"][name], folder / name)
+
+
+def test_own_coda_layout_is_used_in_place(local_data, tmp_path, monkeypatch):
+    coda = imagenet_r.ImageNetRConfig(split="coda")
+    downloaded = imagenet_r.ImageNetR(coda, data_dir=tmp_path / "a", download=True).load(16)
+    monkeypatch.setattr(datasets, "download_file", lambda *a: pytest.fail("downloaded"))
+    folder = tmp_path / "b" / "imagenet-r"
+    _own_coda_tree(local_data, folder, with_lists=True)
+    split = imagenet_r.ImageNetR(coda, data_dir=tmp_path / "b").load(16)
+    assert split.identity == downloaded.identity
+    assert split.train.root == tmp_path / "b" and split.train[0][0].shape == (3, 16, 16)
+    marker = json.loads(marker_path(folder, "coda").read_text())
+    assert marker["images"] == ".." and "CODA-Prompt layout" in marker["source"]
+    assert not (folder / "original").exists()
+    fx.write_jpeg(folder / "n00000001" / "new.jpg", 12, seed=0)  # shifts every class id
+    with pytest.raises(UsageError, match="the CODA-Prompt lists or the class folders changed"):
+        imagenet_r.ImageNetR(coda, data_dir=tmp_path / "b").load(16)
+
+
+def test_own_coda_layout_without_lists(local_data, tmp_path):
+    coda = imagenet_r.ImageNetRConfig(split="coda")
+    folder = tmp_path / "imagenet-r"
+    _own_coda_tree(local_data, folder, with_lists=False)
+    with pytest.raises(UsageError) as info:
+        imagenet_r.ImageNetR(coda, data_dir=tmp_path).load(16)
+    assert str(info.value) == (
+        f"{folder} holds ImageNet-R images but not CODA-Prompt's imagenet-r_train.yaml: rerun "
+        f"with --download (fetches only the two lists), or put it at "
+        f"{folder / 'imagenet-r_train.yaml'}")
+    split = imagenet_r.ImageNetR(coda, data_dir=tmp_path, download=True).load(16)
+    assert split.identity["n_train"] == 400
+    assert not (folder / "imagenet-r.tar").exists() and not (folder / "original").exists()
+    (next(folder.glob("n*")) / "art_0.jpg").unlink()
+    marker_path(folder, "coda").unlink()
+    with pytest.raises(UsageError, match=r"found 599 images, expected 600 \(the authors' "
+                                         r"imagenet-r.tar\); replace it"):
+        imagenet_r.ImageNetR(coda, data_dir=tmp_path).load(16)
