@@ -351,7 +351,7 @@ def prepare_presplit(bench, remote: Remote, folder: Path, protocol: str, expecte
     marked, never downloaded again); else download, verify, extract and count the archive."""
     marker = read_marker(folder, protocol)
     if marker is not None:
-        return folder / marker["split_root"], marker
+        return folder / marker["split_root"], {**marker, "file": str(marker_path(folder, protocol))}
     if (folder / "train").exists() or (folder / "test").exists():
         return folder, adopt_extracted(bench, folder, protocol, expected_total, remote.filename)
     if not bench.download:
@@ -383,8 +383,8 @@ def load_presplit(split_root: Path, protocol: str, image_size: int, marker: dict
         raise UsageError(f"{split_root}: the images changed since the folder was verified "
                          f"({identity['n_train']} train / {identity['n_test']} test now, "
                          f"{marker.get('n_train')} / {marker.get('n_test')} then); restore them, "
-                         "or delete the .clbench-complete-*.json marker beside them to verify "
-                         "the folder again")
+                         f"or delete {marker.get('file', 'its .clbench-complete marker')} to "
+                         "verify the folder again")
     return SplitData(
         ImageFiles(split_root / "train", train_files, train_targets, train_transform(image_size)),
         ImageFiles(split_root / "test", test_files, test_targets, test_transform(image_size)),
