@@ -11,6 +11,13 @@ used is recorded in each run's ``split`` identity (protocol, sizes, hash of file
   CODA-Prompt published (``dataloaders/splits/imagenet-r_{train,test}.yaml``) and InfLoRA reuses.
   The lists are fetched from a pinned commit and checked against SHA-256s computed from that commit.
 
+Data you already have is used in place, never downloaded again: for ``sdlora`` the extracted
+tree as SD-LoRA/PILOT read it (``<data>/imagenet-r/train/<wnid>/…`` and ``…/test/…``, see
+``clbench.datasets.adopt_extracted``); for ``coda`` the authors' images as CODA-Prompt reads them
+(``<data>/imagenet-r/<wnid>/…``), with its two lists put beside them by hand or fetched alone by
+``--download``. Both are counted, checked against the lists/class folders and marked with the
+split hash like a download.
+
 Class ids are the sorted WordNet-id folder indices (ImageFolder) under both splits, so a seed
 gives the same class order and tasks under either. CODA-Prompt's yaml ``targets`` use another
 numbering and are not used: with ``split=coda`` the files are CODA's, the task contents are
@@ -39,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clbench.benchmark import Benchmark, SplitData, divisors_as_choices
-from clbench.datasets import (ImageFiles, Remote, check_count, extract_fresh, fetch,
-                              list_image_folder, load_presplit, missing_data, prepare_presplit,
+from clbench.datasets import (ImageFiles, Remote, extract_fresh, fetch, list_image_folder,
+                              load_presplit, marker_path, missing_data, prepare_presplit,
                               read_marker, split_identity, test_transform, train_transform,
                               write_marker)
 from clbench.errors import UsageError
@@ -100,43 +107,78 @@ class ImageNetR(Benchmark):
 
     def load(self, image_size: int) -> SplitData:
         if self.config.split == "sdlora":
-            split_root = prepare_presplit(self, REMOTES["sdlora"], self.folder, "sdlora",
-                                          self.expected_counts["sdlora"])
-            return load_presplit(split_root, "imagenet-r-sdlora-adam-presplit", image_size)
-        self._prepare_coda()
-        images = self.folder / "original"
+            split_root, marker = prepare_presplit(self, REMOTES["sdlora"], self.folder,
+                                                  "sdlora", self.expected_counts["sdlora"])
+            return load_presplit(split_root, "imagenet-r-sdlora-adam-presplit", image_size, marker)
+        marker = self._prepare_coda()
+        images = self.root if marker["images"] == ".." else self.folder / marker["images"]
         (train, test), _ = self._coda_lists(images)
+        identity = split_identity("imagenet-r-coda-prompt-lists", train, test)
+        if marker.get("hash") not in (None, identity["hash"]):
+            raise UsageError(f"{images / 'imagenet-r'}: the CODA-Prompt lists or the class "
+                             "folders changed since they were verified; restore them, or delete "
+                             f"{marker_path(self.folder, 'coda')} to verify them again")
         return SplitData(
             ImageFiles(images, train[0], train[1], train_transform(image_size)),
-            ImageFiles(images, test[0], test[1], test_transform(image_size)),
-            split_identity("imagenet-r-coda-prompt-lists", train, test))
+            ImageFiles(images, test[0], test[1], test_transform(image_size)), identity)
 
-    def _prepare_coda(self) -> None:
-        if read_marker(self.folder, "coda") is not None:
-            return
-        if not self.download:
-            raise missing_data(self.name, self.folder, self.root, "--set split=coda")
+    def _own_coda_tree(self) -> bool:
+        """CODA-Prompt's own layout, ``<data>/imagenet-r/<wnid>/<file>`` (its lists read
+        ``data/imagenet-r/...``): WordNet-id class folders directly in the benchmark folder."""
+        return self.folder.is_dir() and bool(_wnid_classes(self.folder))
+
+    def _prepare_coda(self) -> dict:
+        """The ``coda`` marker: a verified extraction under ``original/``, or the user's own
+        tree in CODA-Prompt's layout (used in place: only the two small lists are fetched)."""
+        marker = read_marker(self.folder, "coda")
+        if marker is not None:
+            return {"images": "original", **marker}
+        own = self._own_coda_tree()
+        if not own and not self.download:
+            raise missing_data(self.name, self.folder, self.root, "--set split=coda", existing=(
+                f"if you already have the authors' images extracted as CODA-Prompt reads them, "
+                f"put them at {self.folder}/<wnid>/…, else"))
         for key in ("coda-train", "coda-test"):
+            listed = self.folder / REMOTES[key].filename
+            if own and not listed.is_file() and not self.download:
+                raise UsageError(f"{self.folder} holds ImageNet-R images but not CODA-Prompt's "
+                                 f"{listed.name}: rerun with --download (fetches only the two "
+                                 f"lists), or put it at {listed}")
             fetch(REMOTES[key], self.folder)
-        archive = fetch(REMOTES["coda-images"], self.folder)
-        images = extract_fresh(archive, self.folder / "original")
-        files, _, _ = list_image_folder(images / "imagenet-r")
-        check_count("imagenet-r (original archive)", len(files), self.expected_counts["coda"],
-                    self.folder)
+        if own:
+            images, fix = self.root, "replace it with the authors' imagenet-r.tar contents"
+        else:
+            archive = fetch(REMOTES["coda-images"], self.folder)
+            images = extract_fresh(archive, self.folder / "original")
+            fix = f"delete {self.folder} and rerun with --download"
+        try:
+            files, _, _ = list_image_folder(images / "imagenet-r", _wnid_classes(images / "imagenet-r"))
+        except FileNotFoundError as exc:  # torchvision: a class folder without any image
+            raise UsageError(f"{images / 'imagenet-r'}: {str(exc).splitlines()[0][:160]}; "
+                             f"{fix}") from None
+        if len(files) != self.expected_counts["coda"]:
+            raise UsageError(f"{images / 'imagenet-r'}: found {len(files)} images, expected "
+                             f"{self.expected_counts['coda']} (the authors' imagenet-r.tar); {fix}")
         (train, test), class_to_idx = self._coda_lists(images)
         missing = [f for f in train[0] + test[0] if not (images / f).is_file()]
         if len(class_to_idx) != self.n_classes or missing or set(train[0]) & set(test[0]):
-            raise UsageError(f"imagenet-r (coda): the CODA-Prompt lists do not match the archive "
-                             f"({len(class_to_idx)} classes, {len(missing)} listed files missing); "
-                             f"delete {self.folder} and rerun with --download")
-        write_marker(self.folder, "coda", {"n_train": len(train[0]), "n_test": len(test[0]),
-                                           "archive": REMOTES["coda-images"].filename})
+            raise UsageError(f"imagenet-r (coda): the CODA-Prompt lists do not match "
+                             f"{images / 'imagenet-r'} ({len(class_to_idx)} classes, "
+                             f"{len(missing)} listed files missing); {fix}")
+        marker = {"n_train": len(train[0]), "n_test": len(test[0]),
+                  "images": ".." if own else "original",
+                  "hash": split_identity("", train, test)["hash"],
+                  "source": "existing tree (CODA-Prompt layout)" if own
+                  else REMOTES["coda-images"].filename}
+        try:
+            write_marker(self.folder, "coda", marker)
+        except OSError:
+            pass  # a read-only shared copy: verified now, verified again on the next run
+        return marker
 
     def _coda_lists(self, images: Path):
         """CODA's train/test file lists as paths under ``images`` with ImageFolder class ids."""
-        from torchvision.datasets.folder import find_classes
-
-        _, class_to_idx = find_classes(str(images / "imagenet-r"))
+        class_to_idx = _wnid_classes(images / "imagenet-r")
         splits = []
         for key in ("coda-train", "coda-test"):
             entries = _read_yaml(self.folder / REMOTES[key].filename)["data"]
@@ -149,6 +191,14 @@ class ImageNetR(Benchmark):
                                  f"{self.folder} and rerun with --download") from None
             splits.append((files, labels))
         return splits, class_to_idx
+
+
+def _wnid_classes(folder: Path) -> dict[str, int]:
+    """ImageFolder class ids over the WordNet-id folders only (``n`` + 8 digits), so other
+    folders beside a user's own tree (another split's download) are not taken for classes."""
+    names = sorted(p.name for p in folder.iterdir()
+                   if p.is_dir() and len(p.name) == 9 and p.name[0] == "n" and p.name[1:].isdigit())
+    return {name: i for i, name in enumerate(names)}
 
 
 def _read_yaml(path: Path) -> dict:

@@ -8,9 +8,11 @@ Each step exists so that a run either reads exactly the published data or stops 
 - ``extract_fresh``: archives unpack into a temporary folder that is renamed when complete; no
   entry may land outside it (absolute names, ``..`` parts and escaping links are refused before
   anything is written, then tarfile's ``filter="data"`` guards the extraction itself).
-- a benchmark folder is marked complete (``.clbench-complete-<protocol>.json``) only after
-  verification, extraction and the image-count check; without the marker a run without
-  ``--download`` stops with the command that fetches the data.
+- a benchmark folder is marked complete (``.clbench-complete-<protocol>.json``, with the split
+  hash) only after verification, extraction and the image-count check; a pre-split tree the user
+  already has in the official layout (``<name>/train/<class>/``, ``<name>/test/<class>/``) is
+  counted and marked the same way instead of downloaded; otherwise a run without ``--download``
+  stops with the command that fetches the data.
 - images are listed like torchvision's ``ImageFolder`` (sorted class folders → class ids, the
   official codes' convention), decoded with PIL, and transformed as in SD-LoRA's
   ``utils/data.py::build_transform`` (see ``train_transform`` / ``test_transform``).
@@ -198,10 +200,13 @@ def write_marker(folder: Path, protocol: str, info: dict) -> None:
     tmp.replace(path)
 
 
-def missing_data(bench: str, folder: Path, root: Path, extra: str = "") -> UsageError:
+def missing_data(bench: str, folder: Path, root: Path, extra: str = "",
+                 existing: str = "") -> UsageError:
+    """``existing``: how to use a copy the user already has (said before the download command)."""
     extra = f" {extra}" if extra else ""
-    return UsageError(f"{bench} data not found in {folder}; download it with: clbench run "
-                      f"--bench {bench}{extra} --download --data-dir {root}")
+    existing = f" {existing}" if existing else ""
+    return UsageError(f"{bench} data not found in {folder};{existing} download it with: clbench "
+                      f"run --bench {bench}{extra} --download --data-dir {root}")
 
 
 def check_count(what: str, found: int, expected: int, folder: Path) -> None:
@@ -287,40 +292,99 @@ def find_split_root(folder: Path) -> Path:
     return found[0]
 
 
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _count_presplit(bench, split_root: Path, where: Path, fix: str) -> dict:
+    """Check that ``train/`` and ``test/`` hold the same ``bench.n_classes`` class folders, each
+    with images; return the sizes and the split hash (what the completion marker records)."""
+    train_classes = _class_folders(split_root / "train")
+    test_classes = _class_folders(split_root / "test")
+    if len(train_classes) != bench.n_classes or test_classes != train_classes:
+        odd = sorted(set(train_classes) ^ set(test_classes))
+        detail = f" (e.g. {odd[0]!r} is in only one of them)" if odd else ""
+        raise UsageError(f"{where}: expected the same {bench.n_classes} class folders in train/ "
+                         f"and test/, found {len(train_classes)} and {len(test_classes)}{detail}; "
+                         f"{fix}")
+    try:
+        train, train_labels, class_to_idx = list_image_folder(split_root / "train")
+        test, test_labels, _ = list_image_folder(split_root / "test", class_to_idx)
+    except FileNotFoundError as exc:  # torchvision: a class folder without any image
+        reason = str(exc).splitlines()[0][:160]
+        raise UsageError(f"{where}: {reason}; {fix}") from None
+    identity = split_identity("", (train, train_labels), (test, test_labels))
+    return {"n_train": len(train), "n_test": len(test), "hash": identity["hash"]}
+
+
+def adopt_extracted(bench, folder: Path, protocol: str, expected_total: int,
+                    archive: str) -> dict:
+    """Accept a tree the user already has in the official codes' layout (``folder/train/<class>/``
+    and ``folder/test/<class>/``, what SD-LoRA's and LAMDA-PILOT's ``utils/data.py`` read from
+    ``./data/<name>/``): verify class folders and the image count, then write the completion
+    marker with the split hash. Nothing in the tree is moved or deleted."""
+    missing = [name for name in ("train", "test") if not (folder / name).is_dir()]
+    fix = ("replace it with the published extracted tree, or move it away and rerun with "
+           "--download")
+    if missing:
+        raise UsageError(f"{folder} has {'train/' if missing == ['test'] else 'test/'} but no "
+                         f"{missing[0]}/: the official layout is {folder}/train/<class>/… and "
+                         f"{folder}/test/<class>/…; add it, or move the folder away and rerun "
+                         "with --download")
+    info = _count_presplit(bench, folder, folder, fix)
+    found = info["n_train"] + info["n_test"]
+    if found != expected_total:
+        raise UsageError(f"{folder}: train/ and test/ hold {found} images, expected "
+                         f"{expected_total} (the published {archive} split); {fix}")
+    info.update(split_root=".", source="existing extracted tree (official layout)")
+    try:
+        write_marker(folder, protocol, info)
+    except OSError:
+        pass  # a read-only shared copy: verified now, verified again on the next run
+    return info
+
+
 def prepare_presplit(bench, remote: Remote, folder: Path, protocol: str, expected_total: int,
-                     extra_args: str = "") -> Path:
-    """Download, verify, extract and count a pre-split train/test archive once; return the
-    folder holding ``train/`` and ``test/``."""
+                     extra_args: str = "") -> tuple[Path, dict]:
+    """The folder holding ``train/`` and ``test/`` and its completion marker. In order: a
+    folder already marked complete; an extracted tree in the official layout (verified and
+    marked, never downloaded again); else download, verify, extract and count the archive."""
     marker = read_marker(folder, protocol)
     if marker is not None:
-        return folder / marker["split_root"]
+        return folder / marker["split_root"], {**marker, "file": str(marker_path(folder, protocol))}
+    if (folder / "train").exists() or (folder / "test").exists():
+        return folder, adopt_extracted(bench, folder, protocol, expected_total, remote.filename)
     if not bench.download:
-        raise missing_data(bench.name, folder, bench.root, extra_args)
+        raise missing_data(bench.name, folder, bench.root, extra_args, existing=(
+            f"if you already have it extracted, put it at {folder}/train/<class>/… and "
+            f"{folder}/test/<class>/… (the official layout), else"))
     archive = fetch(remote, folder)
     split_root = find_split_root(extract_fresh(archive, folder / protocol))
-    from torchvision.datasets.folder import find_classes
-
-    train_classes, _ = find_classes(str(split_root / "train"))
-    test_classes, _ = find_classes(str(split_root / "test"))
-    if len(train_classes) != bench.n_classes or test_classes != train_classes:
-        raise UsageError(f"{split_root}: expected the same {bench.n_classes} class folders in "
-                         f"train/ and test/, found {len(train_classes)} and {len(test_classes)}; "
-                         f"delete {folder} and rerun with --download")
-    train, _, class_to_idx = list_image_folder(split_root / "train")
-    test, _, _ = list_image_folder(split_root / "test", class_to_idx)
-    check_count(f"{bench.name} ({protocol})", len(train) + len(test), expected_total, folder)
-    write_marker(folder, protocol, {
-        "split_root": split_root.relative_to(folder).as_posix(), "archive": remote.filename,
-        remote.algorithm: remote.expected, "n_train": len(train), "n_test": len(test)})
-    return split_root
+    info = _count_presplit(bench, split_root, split_root,
+                           f"delete {folder} and rerun with --download")
+    check_count(f"{bench.name} ({protocol})", info["n_train"] + info["n_test"], expected_total,
+                folder)
+    info.update(split_root=split_root.relative_to(folder).as_posix(), archive=remote.filename,
+                **{remote.algorithm: remote.expected})
+    write_marker(folder, protocol, info)
+    return split_root, info
 
 
-def load_presplit(split_root: Path, protocol: str, image_size: int):
+def load_presplit(split_root: Path, protocol: str, image_size: int, marker: dict | None = None):
+    """The split's datasets; the files and labels must still hash to what the marker recorded
+    when the folder was verified (markers written before the hash was recorded are trusted)."""
     from clbench.benchmark import SplitData
 
     train_files, train_targets, class_to_idx = list_image_folder(split_root / "train")
     test_files, test_targets, _ = list_image_folder(split_root / "test", class_to_idx)
     identity = split_identity(protocol, (train_files, train_targets), (test_files, test_targets))
+    recorded = (marker or {}).get("hash")
+    if recorded is not None and recorded != identity["hash"]:
+        raise UsageError(f"{split_root}: the images changed since the folder was verified "
+                         f"({identity['n_train']} train / {identity['n_test']} test now, "
+                         f"{marker.get('n_train')} / {marker.get('n_test')} then); restore them, "
+                         f"or delete {marker.get('file', 'its .clbench-complete marker')} to "
+                         "verify the folder again")
     return SplitData(
         ImageFiles(split_root / "train", train_files, train_targets, train_transform(image_size)),
         ImageFiles(split_root / "test", test_files, test_targets, test_transform(image_size)),
@@ -338,6 +402,7 @@ class PresplitBenchmark:
     expected_counts = {"adam": 0}
 
     def load(self, image_size: int):
-        split_root = prepare_presplit(self, self.remotes["adam"], self.root / self.folder_name,
-                                      "adam", self.expected_counts["adam"])
-        return load_presplit(split_root, self.protocol, image_size)
+        split_root, marker = prepare_presplit(self, self.remotes["adam"],
+                                              self.root / self.folder_name, "adam",
+                                              self.expected_counts["adam"])
+        return load_presplit(split_root, self.protocol, image_size, marker)

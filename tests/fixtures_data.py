@@ -74,12 +74,20 @@ def wnids(n: int) -> list[str]:
     return [f"n{1_000_000 + 7919 * i:08d}" for i in range(n)]
 
 
+def presplit_tree(folder: Path, classes: list[str], n_train: int, n_test: int,
+                  size: int = 12) -> Path:
+    """An extracted ADAM/PILOT tree as the official codes read it: ``folder/train/<class>/*.jpg``
+    and ``folder/test/<class>/*.jpg``."""
+    image_tree(folder / "train", classes, n_train, size, seed=1)
+    image_tree(folder / "test", classes, n_test, size, seed=2)
+    return folder
+
+
 def presplit_zip(workdir: Path, archive_name: str, top: str, classes: list[str], n_train: int,
                  n_test: int, size: int = 12) -> Path:
-    """The ADAM/RevisitingCIL layout: ``<top>/train/<class>/*.jpg`` and ``<top>/test/...``."""
+    """The ADAM/RevisitingCIL archive: ``<top>/train/<class>/*.jpg`` and ``<top>/test/...``."""
     source = workdir / f"src-{archive_name}"
-    image_tree(source / top / "train", classes, n_train, size, seed=1)
-    image_tree(source / top / "test", classes, n_test, size, seed=2)
+    presplit_tree(source / top, classes, n_train, n_test, size)
     return zip_tree(source, workdir / archive_name)
 
 

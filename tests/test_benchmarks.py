@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,242 @@ def test_cli_run_end_to_end(local_data, tmp_path):
     assert results["split"]["protocol"] == "imagenet-r-sdlora-adam-presplit"
     assert results["split"]["n_train"] == 400 and results["class_order"][:2] == [146, 198]
     assert [sum(t) for t in results["total"]][-1] == 200
+
+
+# ------------------------------------------------- data the user already has (official layout)
+
+PRESPLIT = {  # id: (class, folder under --data-dir as the official codes read it, class names)
+    "imagenet-r": (imagenet_r.ImageNetR, "imagenet-r", fx.wnids(200)),
+    "imagenet-a": (imagenet_a.ImageNetA, "imagenet-a", fx.wnids(200)),
+    "cub200": (cub200.CUB200, "cub", [f"{i:03d}.Bird_{i}" for i in range(1, 201)]),
+}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any download attempt fails the test."""
+    def refuse(url, dest):
+        raise AssertionError(f"tried to download {url}")
+
+    monkeypatch.setattr(datasets, "download_file", refuse)
+
+
+def _existing(case, tmp_path, monkeypatch, n_train=2, n_test=1):
+    """An extracted tree at ``<data>/<name>/{train,test}/<class>/`` and the benchmark expecting
+    its total."""
+    cls, name, classes = PRESPLIT[case]
+    folder = fx.presplit_tree(tmp_path / "data" / name, classes, n_train, n_test)
+    key = "sdlora" if cls is imagenet_r.ImageNetR else "adam"
+    monkeypatch.setattr(cls, "expected_counts", {**cls.expected_counts,
+                                                 key: len(classes) * (n_train + n_test)})
+    return cls, folder, key
+
+
+@pytest.mark.parametrize("case", list(PRESPLIT))
+def test_existing_official_tree_is_used_without_download(case, tmp_path, monkeypatch, no_network):
+    cls, folder, key = _existing(case, tmp_path, monkeypatch)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    split = cls(data_dir=tmp_path / "data").load(16)
+    assert (split.identity["n_train"], split.identity["n_test"]) == (400, 200)
+    assert split.train.root == folder / "train" and split.test.root == folder / "test"
+    assert set(split.train.targets) == set(split.test.targets) == set(range(200))
+    assert split.train[0][0].shape == (3, 16, 16)
+    marker = json.loads(marker_path(folder, key).read_text())
+    assert marker["split_root"] == "." and marker["hash"] == split.identity["hash"]
+    assert (marker["n_train"], marker["n_test"]) == (400, 200)
+    assert "existing" in marker["source"]
+    after = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    assert after == sorted(before + [marker_path(folder, key).relative_to(folder)])  # untouched
+    again = cls(data_dir=tmp_path / "data", download=True).load(24)  # --download: still no fetch
+    assert again.identity == split.identity
+
+
+def test_existing_tree_has_the_identity_of_the_published_archive(local_data, tmp_path,
+                                                                 monkeypatch):
+    downloaded = imagenet_r.ImageNetR(data_dir=tmp_path / "a", download=True).load(16)
+    monkeypatch.setattr(datasets, "download_file", lambda *a: pytest.fail("downloaded"))
+    fx.presplit_tree(tmp_path / "b" / "imagenet-r", fx.wnids(200), 2, 1, size=20)
+    existing = imagenet_r.ImageNetR(data_dir=tmp_path / "b").load(16)
+    assert existing.identity == downloaded.identity
+    assert existing.identity["protocol"] == "imagenet-r-sdlora-adam-presplit"
+
+
+def _drop_one_image(folder):
+    next((folder / "train").rglob("*.jpg")).unlink()
+
+
+def _drop_test(folder):
+    shutil.rmtree(folder / "test")
+
+
+def _rename_test_class(folder):
+    first = sorted((folder / "test").iterdir())[0]
+    first.rename(first.with_name("n99999999"))
+
+
+def _empty_class(folder):
+    for image in sorted((folder / "test").iterdir())[0].iterdir():
+        image.unlink()
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    (_drop_one_image, r"train/ and test/ hold 599 images, expected 600 \(the published "
+                      r"imagenet-r.zip split\); replace it with the published extracted tree, or "
+                      r"move it away and rerun with --download"),
+    (_drop_test, r"has train/ but no test/: the official layout is .*/test/<class>/…; add it"),
+    (_rename_test_class, r"expected the same 200 class folders in train/ and test/, found 200 and "
+                         r"200 \(e.g. 'n01000000' is in only one of them\)"),
+    (_empty_class, r"Found no valid file for the classes n01000000"),
+])
+@pytest.mark.parametrize("download", [False, True])
+def test_existing_tree_that_is_not_the_published_split_is_refused(
+        break_it, expected, download, tmp_path, monkeypatch, no_network):
+    cls, folder, key = _existing("imagenet-r", tmp_path, monkeypatch)
+    break_it(folder)
+    before = sorted(folder.rglob("*"))
+    with pytest.raises(UsageError, match=expected) as info:
+        cls(data_dir=tmp_path / "data", download=download).load(16)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(folder))
+    assert not marker_path(folder, key).exists() and sorted(folder.rglob("*")) == before
+
+
+def test_tree_changed_after_verification_is_refused(tmp_path, monkeypatch, no_network):
+    cls, folder, key = _existing("imagenet-a", tmp_path, monkeypatch)
+    cls(data_dir=tmp_path / "data").load(16)
+    fx.write_jpeg(folder / "train" / fx.wnids(200)[3] / "extra.jpg", 12, seed=0)
+    with pytest.raises(UsageError) as info:
+        cls(data_dir=tmp_path / "data").load(16)
+    assert str(info.value) == (
+        f"{folder}: the images changed since the folder was verified (401 train / 200 test now, "
+        f"400 / 200 then); restore them, or delete {marker_path(folder, key)} to verify the "
+        "folder again")
+
+
+def test_read_only_existing_tree_is_verified_every_time(tmp_path, monkeypatch, no_network):
+    cls, folder, key = _existing("cub200", tmp_path, monkeypatch)
+
+    def read_only(*args):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(datasets, "write_marker", read_only)
+    assert cls(data_dir=tmp_path / "data").load(16).identity["n_train"] == 400
+    assert not marker_path(folder, key).exists()
+    _drop_one_image(folder)
+    with pytest.raises(UsageError, match="hold 599 images, expected 600"):
+        cls(data_dir=tmp_path / "data").load(16)
+
+
+@pytest.mark.parametrize("case", list(PRESPLIT))
+def test_missing_presplit_data_says_where_an_existing_copy_goes(case, tmp_path):
+    cls, name, _ = PRESPLIT[case]
+    with pytest.raises(UsageError) as info:
+        cls(data_dir=tmp_path).load(16)
+    folder = tmp_path / name
+    assert str(info.value) == (
+        f"{cls.registered_name} data not found in {folder}; if you already have it extracted, "
+        f"put it at {folder}/train/<class>/… and {folder}/test/<class>/… (the official layout), "
+        f"else download it with: clbench run --bench {cls.registered_name} --download "
+        f"--data-dir {tmp_path}")
+
+
+# ------------------------------------------------------------------------ task-count checks
+
+def test_one_class_per_task_and_non_positive_tasks_are_refused(tmp_path):
+    from clbench.benchmarks.digits import Digits
+
+    digits = Digits(data_dir=tmp_path)
+    for ok in (2, 5):
+        digits.check_tasks(ok)
+    with pytest.raises(UsageError) as info:
+        digits.check_tasks(10)
+    assert str(info.value) == ("digits has 10 classes: --tasks 10 leaves a task with a single "
+                               "class, where the current-task cross-entropy is identically 0 and "
+                               "nothing trains; valid choices: 2, 5")
+    for bad in (0, -1, -10):
+        with pytest.raises(UsageError, match=rf"^--tasks must be a positive integer, got {bad}; "
+                                             r"valid choices for digits: 2, 5$"):
+            digits.check_tasks(bad)
+    with pytest.raises(UsageError, match="does not split them evenly; valid choices: 2, 5$"):
+        digits.check_tasks(3)
+
+
+def test_a_listed_one_class_split_is_refused_too(tmp_path):
+    from clbench.benchmark import Benchmark
+
+    class Fifteen(Benchmark):  # a plugin listing a split with single-class tasks
+        registered_name = "fifteen"
+        n_classes = 15
+        task_choices = (3, 5, 10, 15)
+
+    with pytest.raises(UsageError, match="--tasks 10 leaves a task with a single class.*"
+                                         "valid choices: 3, 5$"):
+        Fifteen(data_dir=tmp_path).check_tasks(10)
+    Fifteen(data_dir=tmp_path).check_tasks(5)
+
+
+def test_every_listed_task_choice_trains(tmp_path):
+    from clbench.registry import BENCHMARKS
+
+    for name in BENCHMARKS.builtin_names():
+        cls = BENCHMARKS.get(name)
+        assert cls.default_tasks in cls.task_choices, name
+        for n_tasks in cls.task_choices:
+            assert cls.n_classes // n_tasks >= 2, (name, n_tasks)
+
+
+@pytest.mark.slow  # imports the CLI and every method
+def test_cli_refuses_a_one_class_split_before_anything_runs(tmp_path, capsys):
+    from clbench.cli import main
+
+    code = main(["run", "--methods", "finetune", "--bench", "digits", "--tasks", "10", "--out",
+                 str(tmp_path / "runs"), "--name", "one-class", "--no-report"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "identically 0" in err
+    assert not (tmp_path / "runs" / "one-class" / "digits-10tasks").exists()
+
+
+def _own_coda_tree(local_data, folder, with_lists: bool):
+    """The authors' images where CODA-Prompt reads them (``<data>/imagenet-r/<wnid>/``), made
+    like the served ``imagenet-r.tar``; optionally with CODA's two lists put there by hand."""
+    fx.image_tree(folder, fx.wnids(200), 3, 12, seed=3, stem="art")
+    if with_lists:
+        for split in ("train", "test"):
+            name = f"imagenet-r_{split}.yaml"
+            shutil.copy(local_data["files"][name], folder / name)
+
+
+def test_own_coda_layout_is_used_in_place(local_data, tmp_path, monkeypatch):
+    coda = imagenet_r.ImageNetRConfig(split="coda")
+    downloaded = imagenet_r.ImageNetR(coda, data_dir=tmp_path / "a", download=True).load(16)
+    monkeypatch.setattr(datasets, "download_file", lambda *a: pytest.fail("downloaded"))
+    folder = tmp_path / "b" / "imagenet-r"
+    _own_coda_tree(local_data, folder, with_lists=True)
+    split = imagenet_r.ImageNetR(coda, data_dir=tmp_path / "b").load(16)
+    assert split.identity == downloaded.identity
+    assert split.train.root == tmp_path / "b" and split.train[0][0].shape == (3, 16, 16)
+    marker = json.loads(marker_path(folder, "coda").read_text())
+    assert marker["images"] == ".." and "CODA-Prompt layout" in marker["source"]
+    assert not (folder / "original").exists()
+    fx.write_jpeg(folder / "n00000001" / "new.jpg", 12, seed=0)  # shifts every class id
+    with pytest.raises(UsageError, match="the CODA-Prompt lists or the class folders changed"):
+        imagenet_r.ImageNetR(coda, data_dir=tmp_path / "b").load(16)
+
+
+def test_own_coda_layout_without_lists(local_data, tmp_path):
+    coda = imagenet_r.ImageNetRConfig(split="coda")
+    folder = tmp_path / "imagenet-r"
+    _own_coda_tree(local_data, folder, with_lists=False)
+    with pytest.raises(UsageError) as info:
+        imagenet_r.ImageNetR(coda, data_dir=tmp_path).load(16)
+    assert str(info.value) == (
+        f"{folder} holds ImageNet-R images but not CODA-Prompt's imagenet-r_train.yaml: rerun "
+        f"with --download (fetches only the two lists), or put it at "
+        f"{folder / 'imagenet-r_train.yaml'}")
+    split = imagenet_r.ImageNetR(coda, data_dir=tmp_path, download=True).load(16)
+    assert split.identity["n_train"] == 400
+    assert not (folder / "imagenet-r.tar").exists() and not (folder / "original").exists()
+    (next(folder.glob("n*")) / "art_0.jpg").unlink()
+    marker_path(folder, "coda").unlink()
+    with pytest.raises(UsageError, match=r"found 599 images, expected 600 \(the authors' "
+                                         r"imagenet-r.tar\); replace it"):
+        imagenet_r.ImageNetR(coda, data_dir=tmp_path).load(16)
