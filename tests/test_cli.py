@@ -133,8 +133,8 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin-pkg\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[clbench.methods]\nentry-point-probe = ep_plugin_pkg\n")
-    monkeypatch.syspath_prepend(str(package))
     registry.METHODS.discover()  # built-ins register in the real registry, whatever the test order
+    monkeypatch.syspath_prepend(str(package))
     fresh = registry.Registry("method", "clbench.methods")
     monkeypatch.setattr(registry, "METHODS", fresh)
     monkeypatch.setattr(registry, "register_method", fresh.register)
