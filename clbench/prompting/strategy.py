@@ -9,6 +9,7 @@ clipping. A method adds its prompt parameters in ``prepare_model`` and its ``for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.utils.data import Dataset
@@ -22,6 +23,7 @@ from clbench.strategy import CLStrategy
 
 @dataclass
 class PromptConfig(TrainConfig):
+    schedules: ClassVar[tuple[str, ...]] = ("cosine", "constant")
     schedule: str = "cosine"  # "cosine" (CODA/InfLoRA per-epoch formula) or "constant"
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     # Reuse each training image's query feature after its first epoch. Exact only when the
@@ -30,8 +32,9 @@ class PromptConfig(TrainConfig):
     cache_queries: bool = False
 
     def __post_init__(self):
-        if self.schedule not in ("cosine", "constant"):
-            raise UsageError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in self.schedules:
+            raise UsageError(f"schedule must be one of {', '.join(self.schedules)}, "
+                             f"got {self.schedule!r}")
         if self.grad_clip < 0:
             raise UsageError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
