@@ -16,7 +16,11 @@ Deviations (also in the report): Gram–Schmidt projects out an orthonormal basi
 slots (QR, float64, two passes), so new slots are exactly orthogonal to the span of the old ones;
 the official loop subtracts projections on the old slots one by one, which equals this only while
 the trained old slots are still mutually orthogonal. Prompt blocks beyond the backbone's depth are
-dropped (CODA's blocks 0–4 become 0–3 on the 4-block tiny ViT; recorded in ``task_info``).
+dropped (CODA's blocks 0–4 become 0–3 on the 4-block tiny ViT; recorded in ``task_info``); a
+block list the user sets must exist. The official trainer drops the last incomplete training
+batch (``drop_last=True``) and its head is one default-initialised ``nn.Linear`` over all classes;
+clbench keeps the last batch and uses the shared growing head (kaiming-uniform rows, zero bias).
+The number of tasks comes from the run context (slots per task = n_components // n_tasks).
 """
 from __future__ import annotations
 

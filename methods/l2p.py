@@ -19,8 +19,13 @@ Adam 1e-3 with the per-epoch cosine. ``prompt_blocks=[0,1,2,3,4]`` gives "Deep L
 Deviations (also in the report): prompt tokens get no position embedding and sit after CLS (the
 JAX code prepends them before CLS, equivalent without a position embedding; the port instead
 reuses CLS's position embedding for them); the query is a second pass of the *same* weights
-rather than a second model copy; prompt blocks beyond the backbone's depth are dropped
-(recorded in ``task_info``).
+rather than a second model copy; default prompt blocks beyond the backbone's depth are dropped
+(recorded in ``task_info``). Batch-wise vote ties go to the lower prompt index (deterministic);
+the port takes ``torch.topk`` over the counts, whose order among equal counts PyTorch leaves
+unspecified (on CPU the chosen set differs from the lower-index rule in ~40 % of random batches
+of 16), so the port's own choice depends on device and version. ``l2p-pp`` runs in the CODA
+trainer, which drops the last incomplete batch and uses a default-initialised ``nn.Linear`` over
+all classes; clbench keeps the last batch and uses the shared growing head.
 """
 from __future__ import annotations
 
