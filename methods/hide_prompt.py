@@ -96,9 +96,10 @@ class TaskIdentityHead(nn.Module):
 def contrastive_regulariser(features: torch.Tensor, old_means: torch.Tensor,
                             temperature: float = 0.8) -> torch.Tensor:
     """CE(M Mᵀ / τ, I) with M = [old class means; batch features] (official ``orth_loss``)."""
-    m = torch.cat([old_means.to(features), features]).float()
-    similarity = m @ m.T / temperature
-    return F.cross_entropy(similarity, torch.arange(len(m), device=m.device))
+    with torch.autocast(features.device.type, enabled=False):
+        m = torch.cat([old_means.float().to(features.device), features.float()])
+        similarity = m @ m.T / temperature
+        return F.cross_entropy(similarity, torch.arange(len(m), device=m.device))
 
 
 def gaussian_replay(stats: ClassStatistics, classes: range, per_class: int, generator,

@@ -180,3 +180,31 @@ def test_dualprompt_and_hide_prompt_forget_less_than_finetune_on_digits(tmp_path
             assert result["method_info"][-1]["task_identity_accuracy"] > 0.5
     assert forgetting["dualprompt"] < forgetting["finetune"]
     assert forgetting["hide-prompt"] < forgetting["finetune"]
+
+
+def test_checkpoint_resume_rebuilds_the_same_model():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    config = dict(epochs=1, batch_size=8, g_length=2, e_length=2)
+    s = build(DualPrompt, tiny_vit(dim=24, depth=5), n_tasks=2, **config)
+    s.train(stream.train[0])
+    fresh = build(DualPrompt, tiny_vit(dim=24, depth=5), n_tasks=2, **config)
+    fresh.load_checkpoint(s.checkpoint())
+    x = torch.rand(4, 3, 16, 16)
+    outputs = []
+    for strategy in (s, fresh):
+        strategy.model.eval()
+        batch(strategy, x, training=False, task=0)
+        with torch.no_grad():
+            outputs.append(strategy.forward())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_training_step_runs_under_bf16_autocast():
+    s = make()
+    batch(s, torch.rand(4, 3, 16, 16), training=True, task=0)
+    s.mbatch[1] = torch.tensor([0, 1, 0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s.mb_output = s.forward()
+        loss = s.criterion()
+    loss.backward()
+    assert torch.isfinite(s.model.prompt.e_keys.grad).all() and s.model.prompt.g_prompts.grad.abs().sum() > 0

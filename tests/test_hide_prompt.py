@@ -192,3 +192,38 @@ def test_contrastive_regulariser_and_schedules_follow_the_official_formulas():
     assert cos[-1] * lr == pytest.approx(1e-5 + 0.5 * (lr - 1e-5) * (1 + math.cos(math.pi * 148 / 150)))
     step = [timm_epoch_factor("step", e, 50, lr, 1e-5, 30) for e in range(50)]
     assert step[30] == 1.0 and step[31] == pytest.approx(0.1)
+
+
+def test_checkpoint_resume_restores_prompts_heads_and_statistics():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    config = dict(epochs=1, batch_size=8, prompt_length=2, tap_epochs=1, schedule="constant")
+    s = build(HiDePrompt, tiny_vit(dim=24, depth=5), n_tasks=2, **config)
+    s.train(stream.train[0])
+    s.train(stream.train[1])
+    fresh = build(HiDePrompt, tiny_vit(dim=24, depth=5), n_tasks=2, **config)
+    fresh.load_checkpoint(s.checkpoint())
+    assert fresh.class_task == s.class_task == [0, 0, 1, 1]
+    for name in ("uninstructed", "instructed"):
+        for key, value in getattr(s, name).state_dict().items():
+            assert torch.equal(getattr(fresh, name).state_dict()[key], value), (name, key)
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    outputs = []
+    for strategy in (s, fresh):
+        strategy.model.eval()
+        batch(strategy, x, y, training=False, task=1)
+        with torch.no_grad():
+            outputs.append(strategy.forward())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_training_step_runs_under_bf16_autocast_with_the_regulariser_in_float32():
+    s = make(prompt_momentum=0.1)
+    s.known_classes, s._old_means = 4, torch.randn(4, 24)
+    batch(s, torch.rand(4, 3, 16, 16), torch.tensor([4, 5, 4, 5]), training=True, task=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s.mb_output = s.forward()
+        loss = s.criterion()
+        regulariser = contrastive_regulariser(s._features, s._old_means)
+    assert s.mb_output.dtype == torch.bfloat16 and regulariser.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(s.model.prompt.grad).all() and s.model.prompt.grad[:, 2].abs().sum() > 0
