@@ -25,7 +25,8 @@ output head (argmax over all seen classes). Statistics are float64 per-class sum
 
 Hyperparameters: the official supervised ViT-B/16 scripts (training_scripts/train_*_vit.sh) and
 configs/*_hideprompt_5e.py: batch 24, Adam (0.9, 0.999), no weight decay, grad-norm clip 1.0,
-lr 0.03·24/256 for the prompts and 0.1× that for the head (``--larger_prompt_lr``), prompt momentum
+lr 0.03·24/256 for the prompts and 0.1× that for the head (``--larger_prompt_lr``; not in the CUB
+script, so 1× there), prompt momentum
 0.01, pool = number of tasks, top-1; ImageNet-R 150 epochs timm-cosine (min lr 1e-5), reg 0.5,
 length 20; CIFAR-100 50 epochs step (×0.1 every 30), reg 0.1, length 5; CUB 50 epochs step,
 reg 0.01, length 20. TII: 20 epochs constant, Adam lr 0.0005·24/256 (CUB 0.01·24/256). TAP: 30
@@ -209,7 +210,9 @@ class HiDePrompt(PromptStrategy):
         if benchmark == "cifar100":
             return {"epochs": 50, "schedule": "step", "reg": 0.1, "prompt_length": 5}
         if benchmark == "cub200":
-            return {"epochs": 50, "schedule": "step", "reg": 0.01, "tii_lr": 0.01 * 24 / 256}
+            # train_cub_vit.sh runs the prompt stage without --larger_prompt_lr
+            return {"epochs": 50, "schedule": "step", "reg": 0.01, "tii_lr": 0.01 * 24 / 256,
+                    "head_lr_scale": 1.0}
         return {}
 
     @classmethod
