@@ -16,7 +16,11 @@ Deviations (also in the report): Gram–Schmidt projects out an orthonormal basi
 slots (QR, float64, two passes), so new slots are exactly orthogonal to the span of the old ones;
 the official loop subtracts projections on the old slots one by one, which equals this only while
 the trained old slots are still mutually orthogonal. Prompt blocks beyond the backbone's depth are
-dropped (CODA's blocks 0–4 become 0–3 on the 4-block tiny ViT; recorded in ``task_info``).
+dropped (CODA's blocks 0–4 become 0–3 on the 4-block tiny ViT; recorded in ``task_info``); a
+block list the user sets must exist. The official trainer drops the last incomplete training
+batch (``drop_last=True``) and its head is one default-initialised ``nn.Linear`` over all classes;
+clbench keeps the last batch and uses the shared growing head (kaiming-uniform rows, zero bias).
+The number of tasks comes from the run context (slots per task = n_components // n_tasks).
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.errors import UsageError
-from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, clamp_blocks,
-                               prompted_tokens, split_prefix)
+from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+                               split_prefix)
 from clbench.registry import register_method
 
 
@@ -101,11 +105,17 @@ class CodaPromptConfig(PromptConfig):
     lr: float = 1e-3
     batch_size: int = 128
     schedule: str = "cosine"
-    n_components: int = 100  # over the whole run, split evenly over the tasks
-    n_tasks: int = 10  # set from the benchmark by defaults_for: slots per task = n_components // n_tasks
+    n_components: int = 100  # over the whole run: slots per task = n_components // n_tasks
     prompt_length: int = 8
     prompt_blocks: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     ortho_weight: float = 0.0  # released scripts: 0.0 ("100 8 0.0"); earlier code: 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prompt_length % 2 or self.prompt_length < 2:
+            raise UsageError("coda-prompt: prompt_length must be even (key/value halves)")
+        if self.n_components < 1 or self.ortho_weight < 0:
+            raise UsageError("coda-prompt: n_components must be >= 1 and ortho_weight >= 0")
 
 
 @register_method("coda-prompt", "CODA-Prompt: attention-weighted sum of 100 prompt components "
@@ -119,24 +129,26 @@ class CodaPrompt(PromptStrategy):
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
         if benchmark == "digits":  # 96-wide keys hold at most 96 orthogonal slots
-            return {"epochs": 5, "lr": 0.01, "batch_size": 32, "n_components": 50,
-                    "n_tasks": n_tasks}
+            return {"epochs": 5, "lr": 0.01, "batch_size": 32, "n_components": 50}
         epochs = {"cifar100": 20, "domainnet": 5}.get(benchmark, 50)  # IN-R: 50; CUB/IN-A: none
-        return {"epochs": epochs, "n_tasks": n_tasks}
+        return {"epochs": epochs}
+
+    @classmethod
+    def validate(cls, config, context) -> None:
+        if config.n_components // context.n_tasks < 1:
+            raise UsageError(f"coda-prompt: {config.n_components} components cannot be split over "
+                             f"{context.n_tasks} tasks; raise n_components")
+        if context.embed_dim and config.n_components > context.embed_dim:
+            raise UsageError(f"coda-prompt: {config.n_components} components cannot be orthogonal "
+                             f"in {context.embed_dim} dimensions; lower n_components")
+        cls.resolve_blocks(config, context.backbone_depth)
 
     def prepare_model(self, model) -> None:
         super().prepare_model(model)
         c = self.config
         vit = model.backbone
-        self.per_task = c.n_components // c.n_tasks
-        if self.per_task < 1:
-            raise UsageError(f"coda-prompt: {c.n_components} components for {c.n_tasks} tasks")
-        if c.n_components > vit.embed_dim:
-            raise UsageError(f"coda-prompt: {c.n_components} components cannot be orthogonal in "
-                             f"{vit.embed_dim} dimensions; lower n_components")
-        if c.prompt_length % 2:
-            raise UsageError("coda-prompt: prompt_length must be even (key/value halves)")
-        self.prompt_blocks = clamp_blocks(c.prompt_blocks, len(vit.blocks))
+        self.per_task = c.n_components // self.context.n_tasks
+        self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks))
         check_promptable(vit, self.prompt_blocks)
         model.prompt = CodaComponents(len(self.prompt_blocks), c.n_components, c.prompt_length,
                                       vit.embed_dim)
@@ -144,8 +156,8 @@ class CodaPrompt(PromptStrategy):
 
     def slots(self, task: int) -> tuple[int, int]:
         """First and one-past-last slot of ``task``."""
-        if task >= self.config.n_tasks:
-            raise RuntimeError(f"coda-prompt was sized for {self.config.n_tasks} tasks")
+        if task >= self.context.n_tasks:
+            raise RuntimeError(f"coda-prompt was sized for {self.context.n_tasks} tasks")
         return task * self.per_task, (task + 1) * self.per_task
 
     def before_task(self, task: int) -> None:

@@ -3,7 +3,7 @@
 A pool of M prompts, each with a learnable key. The frozen ViT's un-prompted CLS feature q(x) is
 matched to the keys by cosine similarity; the top-N prompts are used, and a pull term draws the
 selected keys toward the queries. The ViT, both passes, stays frozen: only prompts, keys and the
-head train. The prompt injection lives in ``clbench.prompting`` (shared with CODA-Prompt).
+head train. The prompt injection and the two-pass strategy base live in ``clbench.prompting``.
 
 ``l2p`` (paper / official JAX + PyTorch port): M = 10, L_p = 5, N = 5, batch-wise selection
 (the N prompts most often in the batch's per-sample top-N go to every sample, at training and
@@ -19,8 +19,13 @@ Adam 1e-3 with the per-epoch cosine. ``prompt_blocks=[0,1,2,3,4]`` gives "Deep L
 Deviations (also in the report): prompt tokens get no position embedding and sit after CLS (the
 JAX code prepends them before CLS, equivalent without a position embedding; the port instead
 reuses CLS's position embedding for them); the query is a second pass of the *same* weights
-rather than a second model copy; prompt blocks beyond the backbone's depth are dropped
-(recorded in ``task_info``).
+rather than a second model copy; default prompt blocks beyond the backbone's depth are dropped
+(recorded in ``task_info``). Batch-wise vote ties go to the lower prompt index (deterministic);
+the port takes ``torch.topk`` over the counts, whose order among equal counts PyTorch leaves
+unspecified (on CPU the chosen set differs from the lower-index rule in ~40 % of random batches
+of 16), so the port's own choice depends on device and version. ``l2p-pp`` runs in the CODA
+trainer, which drops the last incomplete batch and uses a default-initialised ``nn.Linear`` over
+all classes; clbench keeps the last batch and uses the shared growing head.
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.errors import UsageError
-from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, clamp_blocks,
-                               prompted_tokens, split_prefix)
+from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+                               split_prefix)
 from clbench.registry import register_method
 
 
@@ -96,6 +101,21 @@ class L2PConfig(PromptConfig):
     head_input: str = "prompt"  # "prompt" (mean of prompt-token outputs) or "cls"
     init_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.top_k <= self.pool_size:
+            raise UsageError(f"l2p: top_k must be in [1, pool_size={self.pool_size}], got {self.top_k}")
+        if self.insertion not in ("input", "prefix") or self.head_input not in ("prompt", "cls"):
+            raise UsageError("l2p: insertion must be input|prefix and head_input prompt|cls")
+        if self.head_input == "prompt" and self.insertion != "input":
+            raise UsageError("l2p: head_input='prompt' needs insertion='input'")
+        if self.insertion == "prefix" and self.prompt_length % 2:
+            raise UsageError("l2p: prefix tuning splits each prompt in halves; use an even length")
+        if self.pull_reduction not in ("l2p", "coda"):
+            raise UsageError(f"l2p: pull_reduction must be l2p|coda, got {self.pull_reduction!r}")
+        if len(self.init_range) != 2 or self.init_range[0] > self.init_range[1]:
+            raise UsageError(f"l2p: init_range must be [low, high], got {self.init_range}")
+
 
 @register_method("l2p", "L2P (Learning to Prompt): pool 10 × length 5, top-5 batch-wise key "
                         "matching on the frozen ViT's CLS query, input prompts, head on prompt "
@@ -112,22 +132,16 @@ class L2P(PromptStrategy):
         # The port's CIFAR-100 recipe; L2P has no official config for the other benchmarks.
         return {}
 
+    @classmethod
+    def validate(cls, config, context) -> None:
+        if config.insertion == "prefix":
+            cls.resolve_blocks(config, context.backbone_depth)
+
     def prepare_model(self, model) -> None:
         super().prepare_model(model)
         c = self.config
-        if not 1 <= c.top_k <= c.pool_size:
-            raise UsageError(f"l2p: top_k must be in [1, pool_size={c.pool_size}], got {c.top_k}")
-        if c.insertion not in ("input", "prefix") or c.head_input not in ("prompt", "cls"):
-            raise UsageError("l2p: insertion must be input|prefix and head_input prompt|cls")
-        if c.head_input == "prompt" and c.insertion != "input":
-            raise UsageError("l2p: head_input='prompt' needs insertion='input'")
-        if c.insertion == "prefix" and c.prompt_length % 2:
-            raise UsageError("l2p: prefix tuning splits each prompt in halves; use an even length")
-        if c.pull_reduction not in ("l2p", "coda"):
-            raise UsageError(f"l2p: pull_reduction must be l2p|coda, got {c.pull_reduction!r}")
         vit = model.backbone
-        depth = len(vit.blocks)
-        self.prompt_blocks = clamp_blocks(c.prompt_blocks, depth) if c.insertion == "prefix" else []
+        self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks)) if c.insertion == "prefix" else []
         check_promptable(vit, self.prompt_blocks)
         n_pools = max(len(self.prompt_blocks), 1)
         model.prompt = nn.ModuleList(

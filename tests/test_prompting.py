@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 
 import pytest
@@ -19,8 +18,11 @@ from clbench.methods.coda_prompt import (CodaPrompt, component_weights,  # noqa:
                                          gram_schmidt_rows, ortho_penalty)
 from clbench.methods.l2p import (L2P, L2PPlusPlus, PromptPool, pull_loss,  # noqa: E402
                                  select_prompts)
-from clbench.strategy import CLModel, cosine_per_epoch  # noqa: E402
+from clbench.context import RunContext  # noqa: E402
+from clbench.errors import UsageError  # noqa: E402
+from clbench.strategy import cosine_per_epoch  # noqa: E402
 from clbench.streams import build_stream  # noqa: E402
+from helpers import build  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,9 +40,8 @@ def tiny_vit(dim=48, depth=2, seed=0):
                              num_classes=0).eval()
 
 
-def make_strategy(cls, vit, **config):
-    config = dataclasses.replace(cls.Config(), **config)
-    return cls(model=CLModel(vit, vit.embed_dim), config=config, device="cpu")
+def make_strategy(cls, vit, n_tasks=2, **config):
+    return build(cls, vit, n_tasks=n_tasks, **config)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -110,11 +111,39 @@ def test_split_prefix_sends_first_half_of_each_prompt_to_keys():
     assert torch.equal(keys[0, :2], prompts[0, 0, :2]) and torch.equal(values[0, 2:4], prompts[0, 1, 2:])
 
 
-def test_clamp_blocks_to_depth():
-    assert prompting.clamp_blocks([0, 1, 2, 3, 4], 4) == [0, 1, 2, 3]
-    assert prompting.clamp_blocks([0], 12) == [0]
-    with pytest.raises(ValueError):
-        prompting.clamp_blocks([5, 6], 4)
+def test_default_blocks_are_cut_to_depth_but_user_blocks_must_exist():
+    default = [0, 1, 2, 3, 4]
+    assert prompting.prompt_blocks(default, default, 4, "coda-prompt") == [0, 1, 2, 3]
+    assert prompting.prompt_blocks([0], [0], 12, "l2p-pp") == [0]
+    assert prompting.prompt_blocks([3, 1], [0], 4, "l2p-pp") == [1, 3]
+    for bad in ([20], [0, 5], [1, 1], [-1]):
+        with pytest.raises(UsageError):
+            prompting.prompt_blocks(bad, [0], 4, "l2p-pp")
+    with pytest.raises(UsageError):  # a default list with no block in range
+        prompting.prompt_blocks([5, 6], [5, 6], 4, "x")
+
+
+@pytest.mark.parametrize("cls,config", [
+    (L2PPlusPlus, dict(prompt_blocks=[20])),
+    (CodaPrompt, dict(prompt_blocks=[0, 7])),
+    (CodaPrompt, dict(n_components=3)),  # 3 components over 5 tasks
+    (CodaPrompt, dict(n_components=1000)),  # more than embed_dim orthogonal slots
+])
+def test_validate_refuses_options_that_do_not_fit_the_run(cls, config):
+    context = RunContext(n_tasks=5, backbone_depth=4, embed_dim=768)
+    with pytest.raises(UsageError):
+        cls.validate(cls.Config(**config), context)
+    cls.validate(cls.Config(), context)  # the defaults fit (CODA's blocks 0-4 cut to 0-3)
+
+
+@pytest.mark.parametrize("cls,config", [
+    (L2P, dict(top_k=11)), (L2P, dict(insertion="deep")), (L2P, dict(schedule="linear")),
+    (L2P, dict(insertion="prefix", head_input="cls", prompt_length=5)),
+    (CodaPrompt, dict(prompt_length=7)), (CodaPrompt, dict(grad_clip=-1.0)),
+])
+def test_field_checks_are_usage_errors(cls, config):
+    with pytest.raises(UsageError):
+        cls.Config(**config)
 
 
 def test_cosine_per_epoch_is_the_official_formula():
@@ -142,7 +171,7 @@ def test_vit_b16_sequence_lengths_of_l2p_and_coda(monkeypatch):
         tokens = prompting.prompted_tokens(vit, x, input_prompts=pool.prompts[idx].flatten(1, 2))
     assert tokens.shape == (1, 197 + 5 * 5, 768)
     # CODA: blocks 0-4 see 197 + 4 keys/values, every output stays 197 long
-    coda = make_strategy(CodaPrompt, vit, n_tasks=10)
+    coda = make_strategy(CodaPrompt, vit, n_tasks=10)  # run context: 10 tasks
     assert coda.prompt_blocks == [0, 1, 2, 3, 4]
     coda.model.head.grow(20)
     coda.model.prompt.init_slots(0, 10)
@@ -294,7 +323,7 @@ def _masked_head_grad(strategy, stream):
 
 @pytest.mark.parametrize("cls,config", [
     (L2P, dict(pool_size=6, prompt_length=2, top_k=2)),
-    (L2PPlusPlus, dict(pool_size=6, prompt_length=4, top_k=2, prompt_blocks=[0, 1, 2])),
+    (L2PPlusPlus, dict(pool_size=6, prompt_length=4, top_k=2, prompt_blocks=[1, 0])),
     (CodaPrompt, dict(n_components=8, n_tasks=2)),
 ])
 def test_two_tasks_keep_backbone_and_old_parts_fixed(cls, config):
@@ -360,13 +389,13 @@ def test_checkpoint_resume_rebuilds_the_same_model():
 def test_query_cache_computes_each_training_image_once_and_changes_nothing(monkeypatch):
     stream = toy_stream(n_tasks=1, per_class=8)
     computed = []
-    real = prompting.query_features
+    real = prompting.injection.query_features
 
     def counting(vit, x):
         computed.append(len(x))
         return real(vit, x)
 
-    monkeypatch.setattr(prompting, "query_features", counting)
+    monkeypatch.setattr(prompting.injection, "query_features", counting)
     results = {}
     for cache in (False, True):
         computed.clear()

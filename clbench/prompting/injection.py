@@ -1,5 +1,6 @@
-"""Prompt and prefix injection into timm's own ``VisionTransformer``, shared by L2P, L2P++ and
-CODA-Prompt. No forked ViT: the pretrained blocks are used as they are, and nothing is patched.
+"""Prompt and prefix injection into timm's own ``VisionTransformer``, shared by L2P, L2P++,
+CODA-Prompt, DualPrompt and HiDe-Prompt. No forked ViT: the pretrained blocks are used as they
+are, and nothing is patched.
 
 Two passes of the *same* frozen weights per image (the prompt methods' protocol):
 
@@ -24,15 +25,10 @@ types up front rather than silently computing something else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
 from clbench.errors import UsageError
-from clbench.hparams import TrainConfig
-from clbench.strategy import CLStrategy, cosine_per_epoch
 
 
 def check_promptable(vit, prefix_blocks=()) -> None:
@@ -51,12 +47,27 @@ def check_promptable(vit, prefix_blocks=()) -> None:
             raise TypeError("prefix tuning does not support gated attention")
 
 
-def clamp_blocks(blocks, depth: int) -> list[int]:
-    """Keep the requested block indices that exist in a ``depth``-block model (e.g. CODA's
-    blocks 0-4 become 0-3 on the 4-block tiny ViT); callers record the result."""
-    kept = sorted({int(b) for b in blocks if 0 <= int(b) < depth})
-    if not kept:
-        raise ValueError(f"none of the prompt blocks {list(blocks)} exists in a {depth}-block ViT")
+def prompt_blocks(requested, default, depth: int, who: str) -> list[int]:
+    """The prefix blocks a method uses in a ``depth``-block ViT.
+
+    The method's *default* block list is cut to the blocks that exist (CODA's 0-4 become 0-3 on
+    the 4-block tiny ViT; callers record the result in ``task_info``); a list the user chose must
+    exist as given, otherwise this is a usage error (checked in ``validate``, before any job trains).
+    """
+    blocks = [int(b) for b in requested]
+    if len(set(blocks)) != len(blocks) or any(b < 0 for b in blocks):
+        raise UsageError(f"{who}: prompt_blocks must be distinct block indices >= 0, got {blocks}")
+    if depth <= 0:  # depth unknown: nothing to check against
+        return sorted(blocks)
+    kept = sorted(b for b in blocks if b < depth)
+    if list(requested) == list(default):
+        if not kept:
+            raise UsageError(f"{who}: none of the default prompt blocks {blocks} exists in a "
+                             f"{depth}-block backbone; set prompt_blocks to indices 0..{depth - 1}")
+        return kept
+    if len(kept) != len(blocks):
+        raise UsageError(f"{who}: prompt_blocks {blocks} do not all exist in a {depth}-block "
+                         f"backbone; use indices 0..{depth - 1}")
     return kept
 
 
@@ -127,88 +138,3 @@ def prompted_tokens(vit, x: torch.Tensor, input_prompts: torch.Tensor | None = N
         else:
             tokens = block(tokens)
     return vit.norm(tokens)
-
-
-# --------------------------------------------------------------------------- strategy glue
-# What L2P, L2P++ and CODA-Prompt share as training recipes: the query pass (optionally cached),
-# Adam, the official per-epoch cosine or a constant rate, optional gradient clipping.
-
-
-@dataclass
-class PromptConfig(TrainConfig):
-    schedule: str = "cosine"  # "cosine" (CODA/InfLoRA per-epoch formula) or "constant"
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
-    # Reuse each training image's query feature after its first epoch. Exact only when the
-    # training transform is deterministic (true for `digits`; false with random crops/flips,
-    # where the official codes recompute the query for every augmented view).
-    cache_queries: bool = False
-
-
-class IndexedItems(Dataset):
-    """A dataset view whose items carry their position: (x, y, index, task label)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        x, y, *rest = self.dataset[index]
-        return (x, y, index, *rest)
-
-
-class QueryCache:
-    """Query features of the current task's training images, stored by dataset position."""
-
-    def __init__(self, size: int = 0):
-        self.features: torch.Tensor | None = None
-        self.known = torch.zeros(size, dtype=torch.bool)
-
-    def lookup(self, index: torch.Tensor, x: torch.Tensor, compute) -> torch.Tensor:
-        index = index.cpu()
-        missing = ~self.known[index]
-        if bool(missing.any()):
-            fresh = compute(x[missing.to(x.device)])
-            if self.features is None:
-                self.features = fresh.new_zeros(len(self.known), fresh.shape[1])
-            self.features[index[missing].to(fresh.device)] = fresh
-            self.known[index[missing]] = True
-        return self.features[index.to(self.features.device)]
-
-
-class PromptStrategy(CLStrategy):
-    """Base of the prompt methods: frozen backbone, one extra no-grad query pass per image."""
-
-    Config = PromptConfig
-    forward_passes_per_image = 2  # the frozen query pass + the prompted pass
-    backbone_frozen = True
-    optimizer_name = "adam"
-
-    def query(self) -> torch.Tensor:
-        """q(x) for the current mini-batch, from the cache when enabled and training."""
-        model = self.model
-        compute = lambda x: query_features(model.backbone, model.normalize(x))  # noqa: E731
-        if self.is_training and self.config.cache_queries:
-            return self._query_cache.lookup(self.mbatch[2], self.mb_x, compute)
-        return compute(self.mb_x)
-
-    def make_train_dataloader(self, **kwargs):
-        if self.config.cache_queries:
-            self.adapted_dataset = IndexedItems(self.adapted_dataset)
-            self._query_cache = QueryCache(len(self.adapted_dataset))
-        super().make_train_dataloader(**kwargs)
-
-    def prepare_model(self, model) -> None:
-        if self.config.schedule not in ("cosine", "constant"):
-            raise UsageError(f"schedule must be 'cosine' or 'constant', got {self.config.schedule!r}")
-        model.backbone.requires_grad_(False)
-
-    def make_scheduler_for_task(self, optimizer):
-        return cosine_per_epoch(optimizer, self.config.epochs) if self.config.schedule == "cosine" else None
-
-    def optimizer_step(self):
-        if self.config.grad_clip > 0:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        super().optimizer_step()
