@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clbench.errors import UsageError
+from clbench.schema import RunResult
 from clbench.results import read_json, write_json
 
 # RunPlan fields that change what a job computes: a re-run sweep must use the same values.
@@ -52,7 +53,7 @@ class Cell:
         return self.out_dir / "results.json"
 
     def complete(self) -> bool:
-        return self.results_path.exists() and bool(read_json(self.results_path).get("complete"))
+        return self.results_path.exists() and RunResult.read(self.results_path).complete
 
     @property
     def key(self) -> str:

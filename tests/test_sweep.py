@@ -34,7 +34,7 @@ def _truncate_to_first_task(job_dir: Path) -> None:
     results = read_json(job_dir / "results.json")
     for key in ("correct", "total", "trainable_params", "seconds_per_task", "method_info"):
         results[key] = results[key][:1]
-    results["complete"] = False
+    results["complete"], results["status"] = False, "running"
     write_json(job_dir / "results.json", results)
     ckpt = torch.load(job_dir / "checkpoint.pt", weights_only=True)
     first = results["classes_per_task"][0]
@@ -55,7 +55,7 @@ def test_local_grid_runs_then_resumes_only_the_killed_job(tmp_path, monkeypatch,
                 for m in ("linear-probe", "finetune") for s in (1993, 1994)}
     for job_dir in job_dirs.values():
         results = read_json(job_dir / "results.json")
-        assert results["complete"] and len(results["correct"]) == 2
+        assert results["status"] == "complete" and len(results["correct"]) == 2
     assert not (sweep / "run.json").exists()  # jobs share the folder: only sweep.json describes it
     assert {(j["method"], j["seed"]) for j in read_json(sweep / "sweep.json")["jobs"]} == set(job_dirs)
     assert len(re.findall(r"  done  ", out)) == 4
