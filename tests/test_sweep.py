@@ -84,10 +84,17 @@ def test_local_grid_runs_then_resumes_only_the_killed_job(tmp_path, monkeypatch,
 
 
 @pytest.fixture
-def fake_slurm(monkeypatch):
+def fake_slurm(monkeypatch, tmp_path):
     """SLURM without a scheduler: submitit sees `srun`, `sbatch` returns job ids in turn, and
     `sacct` reports the states in ``states`` (job id -> state)."""
+    import os
     import subprocess
+
+    bin_dir = tmp_path / "fake-slurm-bin"  # clbench looks for sbatch on PATH before submitting
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
     from submitit.core import utils
     from submitit.slurm import slurm
