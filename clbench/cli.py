@@ -138,7 +138,7 @@ def cmd_list(args) -> int:
 def plan_from_args(args):
     import time
 
-    from clbench.runner import RunPlan, load_plan
+    from clbench.plan import RunPlan, load_plan
 
     if args.resume:
         defaults = build_parser().parse_args(["run"])

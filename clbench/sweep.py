@@ -88,7 +88,7 @@ def expand_grid(args, sweep_dir: Path) -> list[Cell]:
     """Every cell of the grid, validated with the runner's own checks (names, task counts,
     ``--set`` keys) before anything is submitted."""
     from clbench.backbones import spec_for
-    from clbench.runner import RunPlan, prepare
+    from clbench.plan import RunPlan, prepare
 
     methods = [] if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",")
                                                          if m.strip()]

@@ -137,3 +137,32 @@ def finish(handle) -> None:
     if handle is None:
         return
     handle.finish()
+
+
+class NoTracking:
+    def log(self, task, metrics):
+        pass
+
+    def finish(self):
+        pass
+
+
+class _WandbTracking:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def log(self, task, metrics):
+        log_task(self.handle, task, metrics)
+
+    def finish(self):
+        finish(self.handle)
+
+
+def start_tracking(plan, job, config: dict):
+    """One W&B run per method × seed, grouped by the clbench run, streaming per-task metrics."""
+    if plan.wandb == "disabled":
+        return NoTracking()
+    handle = start_run(plan.wandb, project="clbench", group=Path(plan.run_dir).name,
+                                name=f"{job.method}-seed{job.seed}", config=config,
+                                dir=job.out_dir)
+    return _WandbTracking(handle) if handle is not None else NoTracking()
