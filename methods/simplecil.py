@@ -110,6 +110,17 @@ class PrototypeStrategy(CLStrategy):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs,
                                                           eta_min=self.config.min_lr)
 
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        if isinstance(self.model.head, CosineHead):
+            state["head_blocks"] = [int(block.shape[0]) for block in self.model.head.blocks]
+        return state
+
+    def restore_structure(self, state: dict) -> None:
+        for rows in state.get("head_blocks", []):  # a CosineHead grows one block per task
+            self.model.head.grow(rows)
+        super().restore_structure(state)
+
     @property
     def new_classes(self) -> range:
         return range(self.known_classes, self.model.head.n_classes)

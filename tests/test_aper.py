@@ -1,0 +1,89 @@
+"""APER: parallel adapters (parity with the official block), first-task-only tuning, features
+concatenating the pretrained and the adapted path."""
+import copy
+
+import torch
+from torch.nn import functional as F
+
+from clbench import parallel_adapter
+from clbench.methods.aper import APER
+from helpers import build, tensor_stream, tiny_vit
+
+
+def reference_block(block, adapter, x):
+    """The official AdaptFormer block (ffn_option='parallel', no adapter LayerNorm)."""
+    x = x + block.attn(block.norm1(x))
+    adapt = adapter.up(F.relu(adapter.down(x))) * adapter.scale
+    return x + block.mlp.fc2(block.mlp.act(block.mlp.fc1(block.norm2(x)))) + adapt
+
+
+def test_parallel_adapter_matches_the_official_block_and_starts_as_identity():
+    vit = tiny_vit()
+    plain = copy.deepcopy(vit)
+    wrappers = parallel_adapter.install(vit)
+    parallel_adapter.add_adapters(wrappers, bottleneck=4)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(vit(x), plain(x), atol=1e-6)  # "lora" init: up = 0
+        for w in wrappers:
+            torch.nn.init.normal_(w.adapters[0].up.weight)
+        tokens = torch.randn(2, 17, vit.embed_dim)
+        expected = reference_block(plain.blocks[0], wrappers[0].adapters[0].eval(), tokens)
+        assert torch.allclose(vit.blocks[0](tokens), expected, atol=1e-5)
+        with parallel_adapter.using(wrappers, None):
+            assert torch.allclose(vit(x), plain(x), atol=1e-6)
+        assert not torch.allclose(vit(x), plain(x), atol=1e-4)
+    # wrapping moved the pretrained modules, it added only the adapters' parameters
+    assert sum(p.numel() for p in vit.parameters()) == sum(p.numel() for p in plain.parameters()) + \
+        sum(p.numel() for w in wrappers for p in w.adapters.parameters())
+
+
+def test_adapter_trains_on_the_first_task_only_and_features_concatenate_both_paths():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=6)
+    vit = tiny_vit()
+    plain = copy.deepcopy(vit)
+    strategy = build(APER, vit, n_tasks=2, epochs=2, lr=0.05, batch_size=4, ffn_num=4)
+    init = [p.detach().clone() for p in parallel_adapter.adapter_parameters(strategy.adapters, 0)]
+
+    strategy.train(stream.train[0])
+    assert strategy.trainable_parameter_count() > 0
+    tuned = [p.detach().clone() for p in parallel_adapter.adapter_parameters(strategy.adapters, 0)]
+    assert any(not torch.equal(a, b) for a, b in zip(init, tuned))
+
+    strategy.train(stream.train[1])
+    assert strategy.train_epochs == 0 and strategy.trainable_parameter_count() == 0
+    after = parallel_adapter.adapter_parameters(strategy.adapters, 0)
+    assert all(torch.equal(a, b) for a, b in zip(tuned, after))
+
+    x = torch.stack([stream.test[0].dataset[i][0] for i in range(4)])
+    strategy.model.eval()
+    with torch.no_grad():
+        feats = strategy.features(x)
+        d = vit.num_features
+        assert feats.shape == (4, 2 * d)
+        assert torch.allclose(feats[:, :d], plain(x), atol=1e-5)
+        assert torch.allclose(feats[:, d:], strategy.model.features(x), atol=1e-5)  # adapter on
+        assert not torch.allclose(feats[:, d:], feats[:, :d], atol=1e-4)
+        assert strategy.prototypes().shape == (4, 2 * d)
+        assert torch.equal(strategy.predict(x).argmax(1),
+                           (F.normalize(feats, dim=1) @ F.normalize(strategy.prototypes().float(), dim=1).T).argmax(1))
+
+
+def test_prototypes_are_means_of_concatenated_features_and_resume_matches():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    first = build(APER, tiny_vit(), n_tasks=2, epochs=1, batch_size=4, ffn_num=4)
+    first.train(stream.train[0])
+    second = build(APER, tiny_vit(), n_tasks=2, epochs=1, batch_size=4, ffn_num=4)
+    second.load_checkpoint(first.checkpoint())
+    for strategy in (first, second):
+        strategy.train(stream.train[1])
+    assert torch.equal(first.prototypes(), second.prototypes())
+
+    data = stream.train[1].dataset
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    first.model.eval()
+    with torch.no_grad():
+        feats = first.features(x).double()
+    for c in (2, 3):
+        assert torch.allclose(first.prototypes()[c], feats[y == c].mean(0), atol=1e-5)
