@@ -86,6 +86,11 @@ class FirstSessionAdapter(PrototypeStrategy):
     def learn_without_gradients(self, task: int) -> None:
         raise NotImplementedError
 
+    def restore_structure(self, state: dict) -> None:
+        super().restore_structure(state)
+        for p in parallel_adapter.adapter_parameters(self.adapters, 0):
+            p.requires_grad_(False)  # a checkpoint exists only after the first task
+
     def pretrained_features(self, images):
         with parallel_adapter.using(self.adapters, None):
             return self.model.features(images)
@@ -126,5 +131,3 @@ class APER(FirstSessionAdapter):
     def restore_structure(self, state: dict) -> None:
         super().restore_structure(state)
         self.statistics.load_state_dict(state["statistics"])
-        for p in parallel_adapter.adapter_parameters(self.adapters, 0):
-            p.requires_grad_(False)
