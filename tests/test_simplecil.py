@@ -1,4 +1,7 @@
 """SimpleCIL: class-mean prototypes of frozen features, nearest-prototype cosine rule, no training."""
+import json
+
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -53,3 +56,25 @@ def test_resume_restores_prototypes():
     for strategy in (first, second):
         strategy.train(stream.train[1])
     assert torch.equal(first.prototypes(), second.prototypes())
+
+
+@pytest.mark.slow
+def test_lamda_family_runs_on_digits_through_the_cli(tmp_path):
+    """SimpleCIL, APER, RanPAC and EASE end to end on the default job (2 epochs per trained task)."""
+    from clbench.cli import main
+
+    code = main(["run", "--methods", "simplecil,aper,ranpac,ease", "--out", str(tmp_path),
+                 "--no-report", "--seeds", "1993", "--epochs", "2"])
+    assert code in (0, None)
+    results = {p.parts[-3]: json.loads(p.read_text()) for p in tmp_path.rglob("results.json")}
+    assert set(results) == {"simplecil", "aper", "ranpac", "ease"}
+    for method, data in results.items():
+        status = data.get("status", "complete" if data.get("complete") else "running")
+        assert status == "complete", method
+        assert len(data["correct"]) == 5 and "forgetting" in data["metrics"], method
+        assert data["metrics"]["final_acc"] > 50, method
+    assert results["simplecil"]["trainable_params"] == [0] * 5
+    for method in ("aper", "ranpac"):  # adapters + head on the first task, nothing afterwards
+        assert results[method]["trainable_params"][0] > 0 and results[method]["trainable_params"][1:] == [0] * 4
+    assert all(p > 0 for p in results["ease"]["trainable_params"])
+    assert [results[m]["forward_passes_per_image"] for m in ("simplecil", "aper", "ranpac", "ease")] == [1, 2, 1, 5]
