@@ -32,6 +32,7 @@ import torch
 
 from clbench import parallel_adapter
 from clbench.class_stats import ClassStatistics
+from clbench.errors import UsageError
 from clbench.methods.simplecil import CosineHead, PrototypeConfig, PrototypeStrategy, cosine_logits
 from clbench.registry import register_method
 
@@ -51,6 +52,13 @@ class AdapterConfig(PrototypeConfig):
     ffn_num: int = 64               # adapter bottleneck
     adapter_scale: float = 0.1      # ffn_adapter_scalar
     adapter_dropout: float = 0.1
+
+    def __post_init__(self):
+        getattr(super(), "__post_init__", lambda: None)()
+        if self.ffn_num < 1:
+            raise UsageError(f"ffn_num={self.ffn_num}: the adapter bottleneck needs at least 1 unit")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise UsageError(f"adapter_dropout={self.adapter_dropout}: use a value in [0, 1)")
 
 
 class FirstSessionAdapter(PrototypeStrategy):

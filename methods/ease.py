@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from clbench import parallel_adapter
 from clbench.class_stats import ClassStatistics
+from clbench.errors import UsageError
 from clbench.methods.aper import AdapterConfig
 from clbench.methods.simplecil import CosineHead, PrototypeStrategy
 from clbench.registry import register_method
@@ -66,6 +67,11 @@ class EASEConfig(AdapterConfig):
     alpha: float = 0.1          # weight of a class's logits in other tasks' subspaces (÷ t)
     beta: float = 0.0           # weight of the pretrained subspace (use_init_ptm)
     use_init_ptm: bool = False  # add the adapter-free backbone as one more subspace
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha < 0 or self.beta < 0:
+            raise UsageError(f"alpha={self.alpha}, beta={self.beta}: subspace weights must be ≥ 0")
 
 
 def complement(real: torch.Tensor, ranges: list[tuple[int, int]], offset: int = 0) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch
 
 from clbench.class_stats import ClassStatistics
 from clbench.distributed import all_reduce_sum
+from clbench.errors import UsageError
 from clbench.methods.aper import AdapterConfig, FirstSessionAdapter
 from clbench.registry import register_method
 
@@ -56,6 +57,11 @@ BENCHMARK_DEFAULTS["digits"] = dict(_DEFAULT, ffn_num=8, rp_dim=1000)
 @dataclass
 class RanPACConfig(AdapterConfig):
     rp_dim: int = 10000   # M; 0 = no projection (decorrelated prototypes on f(x) itself)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rp_dim < 0:
+            raise UsageError(f"rp_dim={self.rp_dim}: use a positive projection size, or 0 for none")
 
 
 def holdout_mask(images: torch.Tensor) -> torch.Tensor:
