@@ -123,12 +123,13 @@ class APER(FirstSessionAdapter):
 
     def learn_without_gradients(self, task: int) -> None:
         self.collect_statistics(self.statistics, self.features)
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
 
     def prototypes(self) -> torch.Tensor:
         return self.statistics.means()[: self.model.head.n_classes]
 
     def predict(self, images):
-        return cosine_logits(self.features(images), self.prototypes())
+        return cosine_logits(self.features(images), self._prototypes)
 
     def task_info(self) -> dict:
         return {"adapter_trained": self.task == 0}
@@ -139,3 +140,4 @@ class APER(FirstSessionAdapter):
     def restore_structure(self, state: dict) -> None:
         super().restore_structure(state)
         self.statistics.load_state_dict(state["statistics"])
+        self._prototypes = self.prototypes().to(self.device, torch.float32)

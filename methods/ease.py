@@ -114,7 +114,8 @@ class EASE(PrototypeStrategy):
         self.subspace_statistics: list[ClassStatistics] = []  # s: adapter s, classes of tasks ≥ s
         self.pretrained_statistics = ClassStatistics(dim, second_moments=False)
         self.task_ranges: list[tuple[int, int]] = []
-        self._prototypes: torch.Tensor | None = None
+        self._prototypes: torch.Tensor | None = None  # device copies for predict()
+        self._weights: torch.Tensor | None = None
 
     def epochs_for_task(self, task: int) -> int:
         return self.config.epochs
@@ -154,7 +155,12 @@ class EASE(PrototypeStrategy):
         if self.config.use_init_ptm:
             self.collect_statistics(self.pretrained_statistics,
                                     lambda x: self.subspace_features(x, None))
-        self._prototypes = self.prototypes()
+        self.refresh_classifier()
+
+    def refresh_classifier(self) -> None:
+        """Device copies of the prototypes (complement included) and of the subspace weights."""
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
+        self._weights = self.subspace_weights().to(self.device)
 
     def real_prototypes(self) -> torch.Tensor:
         """(classes, subspaces, d) class means; entries of old classes in later subspaces are 0."""
@@ -183,8 +189,7 @@ class EASE(PrototypeStrategy):
         return weights
 
     def predict(self, images):
-        protos = self._prototypes.to(images.device, torch.float32)
-        weights = self.subspace_weights().to(images.device)
+        protos, weights = self._prototypes, self._weights
         indices = ([None] if self.config.use_init_ptm else []) + list(range(len(self.subspace_statistics)))
         logits = 0.0
         for j, index in enumerate(indices):
@@ -212,4 +217,4 @@ class EASE(PrototypeStrategy):
         for p in parallel_adapter.adapter_parameters(self.adapters, len(self.task_ranges) - 1):
             p.requires_grad_(False)
         self.pretrained_statistics.load_state_dict(state["pretrained_statistics"])
-        self._prototypes = self.prototypes()
+        self.refresh_classifier()

@@ -111,7 +111,7 @@ class RanPAC(FirstSessionAdapter):
         d = self.model.head.in_features
         if self.config.rp_dim:
             generator = torch.Generator().manual_seed(self.seed)
-            self.projection = torch.randn(d, self.config.rp_dim, generator=generator)
+            self.projection = torch.randn(d, self.config.rp_dim, generator=generator).to(self.device)
         else:
             self.projection = None
         self.gram = torch.zeros(self.rp_dim, self.rp_dim, dtype=torch.float64)
@@ -123,7 +123,7 @@ class RanPAC(FirstSessionAdapter):
             features = features.float()
             if self.projection is None:
                 return features
-            return torch.relu(features @ self.projection.to(features.device))
+            return torch.relu(features @ self.projection)
 
     @torch.no_grad()
     def learn_without_gradients(self, task: int) -> None:
@@ -179,7 +179,7 @@ class RanPAC(FirstSessionAdapter):
     def predict(self, images):
         h = self.projected(self.model.features(images))
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return h @ self.weights.to(h.device).T
+            return h @ self.weights.T
 
     def task_info(self) -> dict:
         return {"ridge": self.ridges[-1] if self.ridges else None, "rp_dim": self.rp_dim}
@@ -187,7 +187,8 @@ class RanPAC(FirstSessionAdapter):
     def extra_state(self) -> dict:
         state = super().extra_state()
         if self.gram is not None:
-            state.update(projection=self.projection, gram=self.gram.cpu(),
+            projection = None if self.projection is None else self.projection.cpu()
+            state.update(projection=projection, gram=self.gram.cpu(),
                          targets=self.targets.state_dict(), weights=self.weights.cpu(),
                          ridges=list(self.ridges))
         return state
@@ -195,7 +196,7 @@ class RanPAC(FirstSessionAdapter):
     def restore_structure(self, state: dict) -> None:
         super().restore_structure(state)
         if "gram" in state:
-            self.projection = state["projection"]
+            self.projection = None if state["projection"] is None else state["projection"].to(self.device)
             self.gram = state["gram"].to(self.device)
             self.targets = ClassStatistics(self.rp_dim, second_moments=False)
             self.targets.load_state_dict(state["targets"])

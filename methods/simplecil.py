@@ -169,12 +169,13 @@ class SimpleCIL(PrototypeStrategy):
 
     def after_task(self, task: int) -> None:
         self.collect_statistics(self.statistics, self.model.features)
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
 
     def prototypes(self) -> torch.Tensor:
         return self.statistics.means()[: self.model.head.n_classes]
 
     def predict(self, images):
-        return cosine_logits(self.model.features(images), self.prototypes())
+        return cosine_logits(self.model.features(images), self._prototypes)
 
     def task_info(self) -> dict:
         return {"prototypes": int(self.statistics.n_classes)}
@@ -185,3 +186,4 @@ class SimpleCIL(PrototypeStrategy):
     def restore_structure(self, state: dict) -> None:
         super().restore_structure(state)
         self.statistics.load_state_dict(state["statistics"])
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
