@@ -47,6 +47,11 @@ def test_adapter_trains_on_the_first_task_only_and_features_concatenate_both_pat
 
     strategy.train(stream.train[0])
     assert strategy.trainable_parameter_count() > 0
+    # official first-session recipe: SGD momentum 0.9 + weight decay, cosine annealing to min_lr
+    group = strategy.optimizer.param_groups[0]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
+    assert isinstance(strategy.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert strategy.scheduler.T_max == 2 and abs(group["lr"]) < 1e-12  # annealed to 0 after 2 epochs
     tuned = [p.detach().clone() for p in parallel_adapter.adapter_parameters(strategy.adapters, 0)]
     assert any(not torch.equal(a, b) for a, b in zip(init, tuned))
 
