@@ -92,3 +92,65 @@ def test_prototypes_are_means_of_concatenated_features_and_resume_matches():
         feats = first.features(x).double()
     for c in (2, 3):
         assert torch.allclose(first.prototypes()[c], feats[y == c].mean(0), atol=1e-5)
+
+
+def reference_ssf_vit(plain, ssf, x):
+    """The official SSF ViT forward (``vision_transformer_ssf.py``) from plain weights + γ, β."""
+    scales = iter([(w.scale, w.shift) for w in ssf])
+
+    def ada(t):
+        scale, shift = next(scales)
+        return t * scale + shift
+
+    t = ada(plain.patch_embed.proj(x).flatten(2).transpose(1, 2))
+    t = torch.cat([plain.cls_token.expand(len(t), -1, -1), t], dim=1) + plain.pos_embed
+    for block in plain.blocks:
+        attn = block.attn
+        b, n, c = t.shape
+        qkv = ada(attn.qkv(ada(block.norm1(t)))).reshape(b, n, 3, attn.num_heads, c // attn.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1)
+        t = t + ada(attn.proj((weights @ v).transpose(1, 2).reshape(b, n, c)))
+        mlp = block.mlp
+        t = t + ada(mlp.fc2(mlp.act(ada(mlp.fc1(ada(block.norm2(t)))))))
+    return ada(plain.norm(t))[:, 0]
+
+
+def test_ssf_matches_the_official_ssf_vit_and_switches_off():
+    from clbench.methods import aper_ssf
+
+    vit = tiny_vit()
+    plain = copy.deepcopy(vit)
+    ssf = aper_ssf.install(vit)
+    assert len(ssf) == 2 + 6 * len(vit.blocks)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(vit(x), reference_ssf_vit(plain, ssf, x), atol=1e-5)
+        with aper_ssf.disabled(ssf):
+            assert torch.allclose(vit(x), plain(x), atol=1e-6)
+
+
+def test_aper_with_ssf_tunes_only_scales_and_shifts_on_the_first_task():
+    from clbench.methods.ranpac import RanPAC
+
+    assert APER.defaults_for("imagenet-r", 5, peft="ssf")["lr"] == 0.01  # exps/aper_ssf
+    assert RanPAC.defaults_for("imagenet-r", 5)["peft"] == "ssf"  # args/imagenetr_publish.csv
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=6)
+    vit = tiny_vit()
+    plain = copy.deepcopy(vit)
+    strategy = build(APER, vit, n_tasks=2, epochs=2, lr=0.05, batch_size=4, peft="ssf")
+    assert not strategy.adapters
+    before = [p.clone() for p in strategy.tuned_parameters()]
+    strategy.train(stream.train[0])
+    tuned = strategy.tuned_parameters()
+    d = vit.num_features
+    assert strategy.trainable_parameter_count() == sum(p.numel() for p in tuned) + 2 * d + 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, tuned))
+    strategy.train(stream.train[1])
+    assert strategy.trainable_parameter_count() == 0 and not any(p.requires_grad for p in tuned)
+    x = torch.stack([stream.test[0].dataset[i][0] for i in range(4)])
+    strategy.model.eval()
+    with torch.no_grad():
+        feats = strategy.features(x)
+        assert torch.allclose(feats[:, :d], plain(x), atol=1e-5)
+        assert not torch.allclose(feats[:, d:], feats[:, :d], atol=1e-4)
