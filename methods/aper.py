@@ -5,8 +5,8 @@ zhoudw-zdw/RevisitingCIL ``models/aper_adapter.py`` + ``utils/inc_net.py``
 
 1. First task only: AdaptFormer-style parallel adapters (``clbench.parallel_adapter``:
    bottleneck 64 on ViT-B, scale 0.1, dropout 0.1, "lora" init) in every block (or SSF scales
-   and shifts) are tuned together with a cosine classifier (σ·cos, σ learnable) by cross-entropy over the first task's
-   classes; SGD momentum 0.9, ``weight_decay``, CosineAnnealingLR(T_max=epochs, eta_min=min_lr).
+   and shifts) are tuned together with a cosine classifier (σ·cos, σ learnable) by
+   cross-entropy over the first task's classes; SGD momentum 0.9, ``weight_decay``, CosineAnnealingLR(T_max=epochs, eta_min=min_lr).
 2. Afterwards nothing trains. The feature of an image is the concatenation
    [pretrained backbone(x), adapted backbone(x)] (two forward passes); the prototype of each class
    is the mean of that 2d-dimensional feature over its training images, and prediction is the
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from clbench import parallel_adapter
-from clbench.methods import aper_ssf
 from clbench.class_stats import ClassStatistics
 from clbench.errors import UsageError
+from clbench.methods import aper_ssf
 from clbench.methods.simplecil import CosineHead, PrototypeConfig, PrototypeStrategy, cosine_logits
 from clbench.registry import register_method
 
@@ -67,7 +67,7 @@ class AdapterConfig(PrototypeConfig):
             raise UsageError(f"adapter_dropout={self.adapter_dropout}: use a value in [0, 1)")
 
 
-class FirstSessionAdapter(PrototypeStrategy):
+class FirstSessionTuning(PrototypeStrategy):
     """Adapters or SSF + cosine head tuned on the first task only (shared by APER and RanPAC)."""
 
     Config = AdapterConfig
@@ -126,14 +126,15 @@ class FirstSessionAdapter(PrototypeStrategy):
 
 @register_method("aper", "APER/ADAM (adapter): adapters tuned on the first task, then cosine to "
                          "prototypes of [pretrained, adapted] features, 2 forward passes")
-class APER(FirstSessionAdapter):
+class APER(FirstSessionTuning):
     forward_passes_per_image = 2
     variant_keys = ("peft",)  # SSF has its own per-benchmark settings
 
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int, peft: str = "adapter") -> dict:
         if peft == "ssf":
-            return dict(_CIFAR, peft="ssf", ffn_num=BENCHMARK_DEFAULTS.get(benchmark, _CIFAR)["ffn_num"])
+            bottleneck = BENCHMARK_DEFAULTS.get(benchmark, _CIFAR)["ffn_num"]
+            return dict(_CIFAR, peft="ssf", ffn_num=bottleneck)
         return dict(BENCHMARK_DEFAULTS.get(benchmark, _CIFAR))
 
     def prepare_model(self, model) -> None:
@@ -155,7 +156,7 @@ class APER(FirstSessionAdapter):
         return cosine_logits(self.features(images), self._prototypes)
 
     def task_info(self) -> dict:
-        return {"adapter_trained": self.task == 0}
+        return {"first_session_tuned": self.task == 0}
 
     def extra_state(self) -> dict:
         return {**super().extra_state(), "statistics": self.statistics.state_dict()}

@@ -125,8 +125,10 @@ class EASE(PrototypeStrategy):
         for index in range(len(self.adapters[0].adapters)):
             for p in parallel_adapter.adapter_parameters(self.adapters, index):
                 p.requires_grad_(False)
-        parallel_adapter.add_adapters(self.adapters, cfg.ffn_num, cfg.adapter_scale, cfg.adapter_dropout)
-        self.subspace_statistics.append(ClassStatistics(self.model.head.in_features, second_moments=False))
+        parallel_adapter.add_adapters(self.adapters, cfg.ffn_num, cfg.adapter_scale,
+                                      cfg.adapter_dropout)
+        dim = self.model.head.in_features
+        self.subspace_statistics.append(ClassStatistics(dim, second_moments=False))
 
     def before_task(self, task: int) -> None:
         self.new_subspace()
@@ -141,7 +143,8 @@ class EASE(PrototypeStrategy):
         if self.task < 0:
             return []
         head = self.model.head
-        return parallel_adapter.adapter_parameters(self.adapters, self.task) + [head.blocks[-1], head.sigma]
+        current = parallel_adapter.adapter_parameters(self.adapters, self.task)
+        return current + [head.blocks[-1], head.sigma]
 
     def subspace_features(self, images, index: int | None):
         with parallel_adapter.using(self.adapters, index):
@@ -166,7 +169,8 @@ class EASE(PrototypeStrategy):
         """(classes, subspaces, d) class means; entries of old classes in later subspaces are 0."""
         n_classes, dim = self.task_ranges[-1][1], self.model.head.in_features
         offset = int(self.config.use_init_ptm)
-        real = torch.zeros(n_classes, offset + len(self.subspace_statistics), dim, dtype=torch.float64)
+        subspaces = offset + len(self.subspace_statistics)
+        real = torch.zeros(n_classes, subspaces, dim, dtype=torch.float64)
         if offset:
             real[:, 0] = self.pretrained_statistics.means()[:n_classes]
         for s, statistics in enumerate(self.subspace_statistics):
@@ -190,7 +194,9 @@ class EASE(PrototypeStrategy):
 
     def predict(self, images):
         protos, weights = self._prototypes, self._weights
-        indices = ([None] if self.config.use_init_ptm else []) + list(range(len(self.subspace_statistics)))
+        indices = list(range(len(self.subspace_statistics)))
+        if self.config.use_init_ptm:
+            indices = [None] + indices  # the pretrained subspace comes first
         logits = 0.0
         for j, index in enumerate(indices):
             features = self.subspace_features(images, index)

@@ -16,8 +16,8 @@ LAMDA-PILOT ``models/ranpac.py``).
 
 Per-benchmark settings (official ``args/*_publish.csv``, the PETL + RP rows, M = 10000): batch 48,
 20 epochs, lr 0.01, wd 5e-4, min_lr 0 for CIFAR-100, CUB-200, ImageNet-R, ImageNet-A and
-DomainNet alike; SSF on ImageNet-R and ImageNet-A, adapters (bottleneck 64, scale 0.1) elsewhere. ``digits`` (tiny backbone, width 96):
-M = 1000 (the official M is 13× the ViT-B width; 10× here keeps G small) and bottleneck 8.
+DomainNet alike; SSF on ImageNet-R and ImageNet-A, adapters (bottleneck 64, scale 0.1)
+elsewhere. ``digits`` (tiny backbone, width 96): M = 1000 (the official M is 13× the ViT-B width; 10× here keeps G small) and bottleneck 8.
 
 Deviations from the official code:
 * the 20 % hold-out is a fixed pseudo-random subset of the task's images (an integer hash of the
@@ -41,7 +41,7 @@ import torch
 from clbench.class_stats import ClassStatistics
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
-from clbench.methods.aper import AdapterConfig, FirstSessionAdapter
+from clbench.methods.aper import AdapterConfig, FirstSessionTuning
 from clbench.registry import register_method
 
 RIDGES = tuple(10.0 ** k for k in range(-8, 9))
@@ -50,7 +50,8 @@ HOLDOUT_PERMILLE = 200
 _DEFAULT = dict(epochs=20, lr=0.01, batch_size=48, weight_decay=5e-4, min_lr=0.0, ffn_num=64,
                 rp_dim=10000)
 BENCHMARK_DEFAULTS = {name: _DEFAULT for name in ("cifar100", "cub200", "domainnet")}
-BENCHMARK_DEFAULTS.update({name: dict(_DEFAULT, peft="ssf") for name in ("imagenet-r", "imagenet-a")})
+BENCHMARK_DEFAULTS.update({name: dict(_DEFAULT, peft="ssf")  # SSF rows of the official csv
+                           for name in ("imagenet-r", "imagenet-a")})
 BENCHMARK_DEFAULTS["digits"] = dict(_DEFAULT, ffn_num=8, rp_dim=1000)
 
 
@@ -87,7 +88,7 @@ def choose_ridge(g_fit, q_fit, g_val, q_val, n_val: float) -> float:
 
 @register_method("ranpac", "RanPAC: first-task adapters, frozen random ReLU projection, ridge "
                            "regression on decorrelated class prototypes, 1 forward pass")
-class RanPAC(FirstSessionAdapter):
+class RanPAC(FirstSessionTuning):
     Config = RanPACConfig
     forward_passes_per_image = 1
 
@@ -196,7 +197,8 @@ class RanPAC(FirstSessionAdapter):
     def restore_structure(self, state: dict) -> None:
         super().restore_structure(state)
         if "gram" in state:
-            self.projection = None if state["projection"] is None else state["projection"].to(self.device)
+            projection = state["projection"]
+            self.projection = None if projection is None else projection.to(self.device)
             self.gram = state["gram"].to(self.device)
             self.targets = ClassStatistics(self.rp_dim, second_moments=False)
             self.targets.load_state_dict(state["targets"])

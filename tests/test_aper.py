@@ -70,8 +70,9 @@ def test_adapter_trains_on_the_first_task_only_and_features_concatenate_both_pat
         assert torch.allclose(feats[:, d:], strategy.model.features(x), atol=1e-5)  # adapter on
         assert not torch.allclose(feats[:, d:], feats[:, :d], atol=1e-4)
         assert strategy.prototypes().shape == (4, 2 * d)
+        prototypes = F.normalize(strategy.prototypes().float(), dim=1)
         assert torch.equal(strategy.predict(x).argmax(1),
-                           (F.normalize(feats, dim=1) @ F.normalize(strategy.prototypes().float(), dim=1).T).argmax(1))
+                           (F.normalize(feats, dim=1) @ prototypes.T).argmax(1))
 
 
 def test_prototypes_are_means_of_concatenated_features_and_resume_matches():

@@ -125,8 +125,8 @@ def test_statistics_over_two_gloo_processes_match_one_process(tmp_path, tiny_che
                               capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     for method in ("simplecil", "ranpac"):
-        single, ddp = (json.loads(next((tmp_path / name).rglob(f"{method}/seed-*/results.json")).read_text())
-                       for name in ("single", "ddp"))
+        single, ddp = (json.loads(next((tmp_path / name).rglob(f"{method}/seed-*/results.json"))
+                                  .read_text()) for name in ("single", "ddp"))
         assert ddp["total"] == single["total"]
         for row_single, row_ddp in zip(single["correct"], ddp["correct"]):
             # features of other batch compositions round differently: a borderline sample may flip
