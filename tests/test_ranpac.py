@@ -67,6 +67,15 @@ def test_ridge_equals_direct_least_squares_and_projection_is_frozen():
     assert torch.allclose(logits.double(), h @ direct.T, rtol=1e-3, atol=1e-4)
 
 
+def test_holdout_is_a_property_of_each_image_not_of_its_batch():
+    x = torch.rand(500, 3, 16, 16)
+    mask = holdout_mask(x)
+    assert 0.15 < mask.float().mean() < 0.25  # ≈ the official 20 %
+    order = torch.randperm(500)
+    shuffled = torch.cat([holdout_mask(x[order[i:i + 7]]) for i in range(0, 500, 7)])
+    assert torch.equal(shuffled, mask[order])
+
+
 def snapshot(strategy):
     return (strategy.gram.clone(), strategy.targets.state_dict(), list(strategy.ridges))
 
