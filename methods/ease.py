@@ -1,0 +1,226 @@
+"""EASE (Zhou et al., "Expandable Subspace Ensemble for Pre-Trained Model-Based Class-Incremental
+Learning", CVPR 2024; official code sun-hailong/CVPR24-Ease ``models/ease.py``,
+``backbone/vit_ease.py``, ``backbone/linears.py``; also LAMDA-PILOT ``models/ease.py``).
+
+* Task t adds one new set of parallel adapters (every block; bottleneck 64, scale 0.1,
+  dropout 0.1, "lora" init: ``clbench.parallel_adapter``), trained on task t only with a fresh
+  cosine head over the task's classes (σ reset to 1); older adapters are frozen. SGD momentum 0.9,
+  ``weight_decay``, CosineAnnealingLR(T_max=epochs, eta_min=min_lr) — the same recipe every task.
+* After task t, adapter s (s ≤ t) defines subspace s: the CLS feature of the backbone run with
+  adapter s. The new classes get real prototypes (class means) in every subspace 0..t.
+* Semantic-guided prototype complement (``solve_sim_reset``, recomputed after every task from
+  real prototypes only): for an old task i and a later subspace s, with A = prototypes of the
+  classes of tasks ≥ s in subspace i, B = the same classes in subspace s and Â = task i's classes
+  in subspace i, the missing prototypes are P̂ = softmax_rows(cos(Â, A)) · B.
+* Inference concatenates the t+1 subspace features (t+1 backbone passes). The logit of a class of
+  task i is Σ_s w_s · cos(f_s(x), P_s[c]) with w_s = 1 in its own subspace s = i and α/t in the
+  others (``forward_reweight``); with ``use_init_ptm`` the pretrained backbone is an extra
+  subspace weighted β (its prototypes are real for every class).
+
+Per-benchmark settings (official ``exps/ease_*.json``): CIFAR-100: lr 0.025, batch 48, wd 5e-4,
+α 0.1; ImageNet-R: lr 0.05, batch 16, wd 0.005, α 0.1; ImageNet-A: lr 0.05, batch 32, wd 0.005,
+α 0.1; CUB-200: lr 0.005, batch 16, wd 5e-4, α 0.005, pretrained subspace on with β 1; all:
+20 epochs per task, min_lr 0, bottleneck 64. DomainNet has no official config: ImageNet-R's.
+``digits`` (tiny backbone, width 96): bottleneck 8, otherwise CIFAR's.
+
+Deviations from the official code:
+* prototypes use the harness's training loader (training transform); official: test transform;
+* the class ranges of tasks come from the stream (official: init_cls/increment arithmetic; the
+  same for equal task sizes);
+* the adapters wrap timm's ``block.mlp`` instead of a forked ViT (same maths); each subspace is a
+  full backbone pass (official: the patch embedding is shared, a negligible saving);
+* the final classifier's σ (never trained, = 1) is omitted: it does not change the argmax;
+* the Omnibenchmark ``moni_adam`` mode, ``use_diagonal``, ``use_old_data`` and the non-recomputed
+  similarity variant are not implemented.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from clbench import parallel_adapter
+from clbench.class_stats import ClassStatistics
+from clbench.errors import UsageError
+from clbench.methods.aper import AdapterConfig
+from clbench.methods.simplecil import CosineHead, PrototypeStrategy
+from clbench.registry import register_method
+
+_CIFAR = dict(epochs=20, lr=0.025, batch_size=48, weight_decay=5e-4, min_lr=0.0, ffn_num=64,
+              alpha=0.1, beta=0.0, use_init_ptm=False)
+_IMAGENET_R = dict(_CIFAR, lr=0.05, batch_size=16, weight_decay=5e-3)
+BENCHMARK_DEFAULTS = {
+    "cifar100": _CIFAR,
+    "imagenet-r": _IMAGENET_R,
+    "imagenet-a": dict(_IMAGENET_R, batch_size=32),
+    "cub200": dict(_CIFAR, lr=0.005, batch_size=16, alpha=0.005, beta=1.0, use_init_ptm=True),
+    "domainnet": _IMAGENET_R,
+    "digits": dict(_CIFAR, ffn_num=8),
+}
+
+
+@dataclass
+class EASEConfig(AdapterConfig):
+    epochs: int = 20
+    lr: float = 0.025
+    alpha: float = 0.1          # weight of a class's logits in other tasks' subspaces (÷ t)
+    beta: float = 0.0           # weight of the pretrained subspace (use_init_ptm)
+    use_init_ptm: bool = False  # add the adapter-free backbone as one more subspace
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha < 0 or self.beta < 0:
+            raise UsageError(f"alpha={self.alpha}, beta={self.beta}: subspace weights must be ≥ 0")
+
+
+def complement(real: torch.Tensor, ranges: list[tuple[int, int]], offset: int = 0) -> torch.Tensor:
+    """Fill the prototypes of old classes in later subspaces (EASE's ``solve_sim_reset``).
+
+    ``real[c, offset + s]`` holds the class mean of class c in adapter subspace s for every class
+    of a task ≥ s; the other entries are overwritten here."""
+    protos = real.clone()
+    n_classes = ranges[-1][1]
+    for i, (start, stop) in enumerate(ranges[:-1]):
+        for s in range(i + 1, len(ranges)):
+            later = slice(ranges[s][0], n_classes)
+            a = protos[later, offset + i]
+            b = protos[later, offset + s]
+            a_hat = protos[start:stop, offset + i]
+            similarity = F.softmax(F.normalize(a_hat, dim=1) @ F.normalize(a, dim=1).T, dim=1)
+            protos[start:stop, offset + s] = similarity @ b
+    return protos
+
+
+@register_method("ease", "EASE: one adapter subspace per task, semantic-guided prototype "
+                         "complement, reweighted cosine over concatenated features, T passes")
+class EASE(PrototypeStrategy):
+    Config = EASEConfig
+
+    @classmethod
+    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
+        return dict(BENCHMARK_DEFAULTS.get(benchmark, _CIFAR))
+
+    @property
+    def forward_passes_per_image(self) -> int:
+        """Backbone passes at inference: one per adapter subspace (+ the pretrained one)."""
+        return max(1, len(self.subspace_statistics) + int(self.config.use_init_ptm))
+
+    def prepare_model(self, model) -> None:
+        model.backbone.requires_grad_(False)
+        model.head = CosineHead(model.head.in_features)
+        self.adapters = parallel_adapter.install(model.backbone)
+        dim = model.head.in_features
+        self.subspace_statistics: list[ClassStatistics] = []  # s: adapter s, classes of tasks ≥ s
+        self.pretrained_statistics = ClassStatistics(dim, second_moments=False)
+        self.task_ranges: list[tuple[int, int]] = []
+        self._prototypes: torch.Tensor | None = None  # device copies for predict()
+        self._weights: torch.Tensor | None = None
+
+    def epochs_for_task(self, task: int) -> int:
+        return self.config.epochs
+
+    def new_subspace(self) -> None:
+        cfg = self.config
+        for index in range(len(self.adapters[0].adapters)):
+            for p in parallel_adapter.adapter_parameters(self.adapters, index):
+                p.requires_grad_(False)
+        parallel_adapter.add_adapters(self.adapters, cfg.ffn_num, cfg.adapter_scale,
+                                      cfg.adapter_dropout)
+        dim = self.model.head.in_features
+        self.subspace_statistics.append(ClassStatistics(dim, second_moments=False))
+
+    def before_task(self, task: int) -> None:
+        self.new_subspace()
+        self.task_ranges.append((self.known_classes, self.model.head.n_classes))
+        head = self.model.head  # a fresh proxy classifier: new rows, σ = 1, old rows frozen
+        with torch.no_grad():
+            head.sigma.fill_(1.0)
+        for block in head.blocks[:-1]:
+            block.requires_grad_(False)
+
+    def trainable_parameters(self):
+        if self.task < 0:
+            return []
+        head = self.model.head
+        current = parallel_adapter.adapter_parameters(self.adapters, self.task)
+        return current + [head.blocks[-1], head.sigma]
+
+    def subspace_features(self, images, index: int | None):
+        with parallel_adapter.using(self.adapters, index):
+            return self.model.features(images)
+
+    def after_task(self, task: int) -> None:
+        for p in parallel_adapter.adapter_parameters(self.adapters, task):
+            p.requires_grad_(False)
+        for s, statistics in enumerate(self.subspace_statistics):
+            self.collect_statistics(statistics, lambda x, s=s: self.subspace_features(x, s))
+        if self.config.use_init_ptm:
+            self.collect_statistics(self.pretrained_statistics,
+                                    lambda x: self.subspace_features(x, None))
+        self.refresh_classifier()
+
+    def refresh_classifier(self) -> None:
+        """Device copies of the prototypes (complement included) and of the subspace weights."""
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
+        self._weights = self.subspace_weights().to(self.device)
+
+    def real_prototypes(self) -> torch.Tensor:
+        """(classes, subspaces, d) class means; entries of old classes in later subspaces are 0."""
+        n_classes, dim = self.task_ranges[-1][1], self.model.head.in_features
+        offset = int(self.config.use_init_ptm)
+        subspaces = offset + len(self.subspace_statistics)
+        real = torch.zeros(n_classes, subspaces, dim, dtype=torch.float64)
+        if offset:
+            real[:, 0] = self.pretrained_statistics.means()[:n_classes]
+        for s, statistics in enumerate(self.subspace_statistics):
+            start = self.task_ranges[s][0]
+            real[start:, offset + s] = statistics.means()[start:n_classes]
+        return real
+
+    def prototypes(self) -> torch.Tensor:
+        return complement(self.real_prototypes(), self.task_ranges, int(self.config.use_init_ptm))
+
+    def subspace_weights(self) -> torch.Tensor:
+        """(classes, subspaces): 1 in the class's own subspace, α/t elsewhere, β for the PTM."""
+        cfg, t = self.config, len(self.task_ranges) - 1
+        offset = int(cfg.use_init_ptm)
+        weights = torch.full((self.task_ranges[-1][1], offset + t + 1), cfg.alpha / max(t, 1))
+        if offset:
+            weights[:, 0] = cfg.beta
+        for i, (start, stop) in enumerate(self.task_ranges):
+            weights[start:stop, offset + i] = 1.0
+        return weights
+
+    def predict(self, images):
+        protos, weights = self._prototypes, self._weights
+        indices = list(range(len(self.subspace_statistics)))
+        if self.config.use_init_ptm:
+            indices = [None] + indices  # the pretrained subspace comes first
+        logits = 0.0
+        for j, index in enumerate(indices):
+            features = self.subspace_features(images, index)
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                cosine = F.normalize(features.float(), dim=1) @ F.normalize(protos[:, j], dim=1).T
+                logits = logits + cosine * weights[:, j]
+        return logits
+
+    def task_info(self) -> dict:
+        return {"subspaces": len(self.subspace_statistics),
+                "forward_passes": self.forward_passes_per_image}
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "task_ranges": [list(r) for r in self.task_ranges],
+                "subspace_statistics": [s.state_dict() for s in self.subspace_statistics],
+                "pretrained_statistics": self.pretrained_statistics.state_dict()}
+
+    def restore_structure(self, state: dict) -> None:
+        super().restore_structure(state)
+        self.task_ranges = [tuple(r) for r in state["task_ranges"]]
+        for saved in state["subspace_statistics"]:
+            self.new_subspace()
+            self.subspace_statistics[-1].load_state_dict(saved)
+        for p in parallel_adapter.adapter_parameters(self.adapters, len(self.task_ranges) - 1):
+            p.requires_grad_(False)
+        self.pretrained_statistics.load_state_dict(state["pretrained_statistics"])
+        self.refresh_classifier()

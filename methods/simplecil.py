@@ -1,0 +1,189 @@
+"""SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models:
+Generalizability and Adaptivity are All You Need", IJCV 2024; official code
+zhoudw-zdw/RevisitingCIL ``models/simplecil.py``, also LAMDA-PILOT ``models/simplecil.py``).
+
+No training at all: after each task, the prototype of every new class is the mean of the frozen
+pretrained backbone's features (CLS after the final norm) over the class's training images; a
+test image goes to the class whose prototype has the highest cosine similarity
+(``CosineLinear`` whose weights are the prototypes; its scale σ = 1 does not change the argmax).
+Old prototypes never change, so forgetting comes only from new classes competing.
+
+This module also holds what the LAMDA family shares (APER, RanPAC and EASE import it):
+``CosineHead`` (the codes' ``CosineLinear`` with learnable σ, used to tune adapters) and
+``PrototypeStrategy`` (tasks learnt without gradient steps, class statistics in float64 sums
+through ``clbench.class_stats``, first-session SGD + cosine annealing as in the official codes).
+
+Deviations from the official code:
+* prototypes are computed over the harness's training loader, i.e. with the benchmark's training
+  transform; the official code re-reads the training images with the test transform;
+* the official configs use ``vit_base_patch16_224_in21k`` (RevisitingCIL) or
+  ``vit_base_patch16_224`` (LAMDA-PILOT); here the benchmark's/run's backbone is used.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clbench.class_stats import ClassStatistics, collect
+from clbench.hparams import TrainConfig
+from clbench.registry import register_method
+from clbench.strategy import CLStrategy, IncrementalHead
+
+
+class CosineHead(IncrementalHead):
+    """σ·cos(x, w_c) over all classes so far (the LAMDA codes' ``CosineLinear``: rows
+    uniform(±1/√d), σ learnable, init 1). Each task's rows are a separate Parameter so a method
+    that trains only the current task's rows (EASE's ``proxy_fc``) counts only those."""
+
+    def __init__(self, in_features: int):
+        super().__init__(in_features)
+        del self.fc
+        self.blocks = nn.ParameterList()
+        self.sigma = nn.Parameter(torch.ones(1))
+
+    @property
+    def n_classes(self) -> int:
+        return sum(block.shape[0] for block in self.blocks)
+
+    def grow(self, n_new: int) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)
+        device = self.sigma.device
+        self.blocks.append(nn.Parameter(torch.empty(n_new, self.in_features, device=device)
+                                        .uniform_(-bound, bound)))
+
+    def forward(self, features):
+        weight = torch.cat(list(self.blocks)) if len(self.blocks) else \
+            features.new_zeros(0, self.in_features)
+        return self.sigma * F.linear(F.normalize(features, dim=1), F.normalize(weight, dim=1))
+
+
+def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """cos(feature, prototype) for every class, in float32 outside autocast."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return F.normalize(features.float(), dim=1) @ F.normalize(
+            prototypes.to(features.device, torch.float32), dim=1).T
+
+
+@dataclass
+class PrototypeConfig(TrainConfig):
+    """Shared by the LAMDA family: ``epochs``/``lr``/``batch_size`` are the first-session
+    recipe (``tuned_epoch``, ``init_lr``, ``batch_size``), SGD momentum 0.9 with
+    ``weight_decay`` and CosineAnnealingLR(T_max=epochs, eta_min=min_lr)."""
+
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 48
+    weight_decay: float = 5e-4
+    min_lr: float = 0.0
+
+
+class PrototypeStrategy(CLStrategy):
+    """Base of SimpleCIL/APER/RanPAC/EASE: tasks with ``epochs_for_task == 0`` build no real
+    optimiser and run no epoch; ``after_task`` collects statistics with ``self.dataloader``."""
+
+    Config = PrototypeConfig
+
+    def epochs_for_task(self, task: int) -> int:
+        return 0
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def check_model_and_optimizer(self, **kwargs):
+        super().check_model_and_optimizer(**kwargs)
+        self.train_epochs = self.epochs_for_task(self.task)
+
+    def make_optimizer_for_task(self, params):
+        if not params:  # nothing trains this task: a placeholder the template can hold
+            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+        return torch.optim.SGD(params, lr=self.config.lr, momentum=0.9,
+                               weight_decay=self.config.weight_decay)
+
+    def make_scheduler_for_task(self, optimizer):
+        epochs = self.epochs_for_task(self.task)
+        if epochs == 0:
+            return None
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs,
+                                                          eta_min=self.config.min_lr)
+
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        if isinstance(self.model.head, CosineHead):
+            state["head_blocks"] = [int(block.shape[0]) for block in self.model.head.blocks]
+        return state
+
+    def restore_structure(self, state: dict) -> None:
+        for rows in state.get("head_blocks", []):  # a CosineHead grows one block per task
+            self.model.head.grow(rows)
+        super().restore_structure(state)
+
+    @property
+    def new_classes(self) -> range:
+        return range(self.known_classes, self.model.head.n_classes)
+
+    @torch.no_grad()
+    def collect_statistics(self, statistics: ClassStatistics, features_of) -> None:
+        """Add this task's training features to ``statistics`` (eval mode: no adapter dropout)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            collect(statistics, features_of, self.dataloader, self.device, self.new_classes)
+        finally:
+            self.model.train(was_training)
+
+    def forward(self):
+        if self.is_training:
+            return super().forward()
+        return self.predict(self.mb_x)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits over all seen classes at evaluation."""
+        raise NotImplementedError
+
+
+@dataclass
+class SimpleCILConfig(PrototypeConfig):
+    """Nothing trains: ``epochs`` is unused (kept 0 so the resolved config says so)."""
+
+    epochs: int = 0
+
+
+@register_method("simplecil", "SimpleCIL: cosine to class-mean prototypes of the frozen "
+                              "pretrained features, no training, 1 forward pass")
+class SimpleCIL(PrototypeStrategy):
+    Config = SimpleCILConfig
+    forward_passes_per_image = 1
+
+    @classmethod
+    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
+        # Official exps/simplecil/*.json: batch 48 for the prototype pass; nothing trains.
+        return {"epochs": 0}
+
+    def prepare_model(self, model) -> None:
+        model.backbone.requires_grad_(False)
+        self.statistics = ClassStatistics(model.head.in_features, second_moments=False)
+
+    def after_task(self, task: int) -> None:
+        self.collect_statistics(self.statistics, self.model.features)
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
+
+    def prototypes(self) -> torch.Tensor:
+        return self.statistics.means()[: self.model.head.n_classes]
+
+    def predict(self, images):
+        return cosine_logits(self.model.features(images), self._prototypes)
+
+    def task_info(self) -> dict:
+        return {"prototypes": int(self.statistics.n_classes)}
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "statistics": self.statistics.state_dict()}
+
+    def restore_structure(self, state: dict) -> None:
+        super().restore_structure(state)
+        self.statistics.load_state_dict(state["statistics"])
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
