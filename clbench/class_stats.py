@@ -43,8 +43,10 @@ class ClassStatistics:
         self._grow(int(labels.max()) + 1 if len(labels) else 0)
         self.count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         self.sum.index_add_(0, labels, features)
-        if self.outer is not None:
-            self.outer.index_add_(0, labels, features[:, :, None] * features[:, None, :])
+        if self.outer is not None:  # one d×d product per class present (not per sample)
+            for c in labels.unique().tolist():
+                x = features[labels == c]
+                self.outer[c] += x.T @ x
 
     def reduce(self, classes: range) -> None:
         """Sum the given classes' statistics over data-parallel ranks (no-op on one process)."""
