@@ -150,8 +150,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         results = RunResult(
             method=job.method, benchmark=benchmark.name, seed=job.seed, n_tasks=n_tasks,
             class_order=class_order, classes_per_task=stream.classes_per_task, split=split.identity,
-            backbone=loaded.spec.tag, precision=job.context.precision,
-            forward_passes_per_image=strategy.forward_passes_per_image)
+            backbone=loaded.spec.tag, precision=job.context.precision)
     else:
         log(f"{job.method} seed {job.seed}: resuming after task {start}/{n_tasks}")
     main = distributed.is_main()
@@ -182,6 +181,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         results.correct.append(correct)
         results.total.append(total)
         results.trainable_params.append(strategy.trainable_parameter_count())
+        results.forward_passes_per_image = strategy.forward_passes_per_image  # may grow (EASE)
         results.seconds_per_task.append({"train": trained - began, "eval": evaluated - trained})
         results.method_info.append(strategy.task_info() if hasattr(strategy, "task_info") else {})
         results.metrics = summarize(results.correct, results.total)

@@ -93,22 +93,13 @@ class PrototypeStrategy(CLStrategy):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def check_model_and_optimizer(self, **kwargs):
-        super().check_model_and_optimizer(**kwargs)
-        self.train_epochs = self.epochs_for_task(self.task)
-
-    def make_optimizer_for_task(self, params):
-        if not params:  # nothing trains this task: a placeholder the template can hold
-            return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+    def make_optimizer_for_task(self, params):  # called only when a task trains by gradient
         return torch.optim.SGD(params, lr=self.config.lr, momentum=0.9,
                                weight_decay=self.config.weight_decay)
 
     def make_scheduler_for_task(self, optimizer):
-        epochs = self.epochs_for_task(self.task)
-        if epochs == 0:
-            return None
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs,
-                                                          eta_min=self.config.min_lr)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=self.epochs_for_task(self.task), eta_min=self.config.min_lr)
 
     def extra_state(self) -> dict:
         state = super().extra_state()
