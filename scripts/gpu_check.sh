@@ -57,13 +57,11 @@ step() {
 
 install_wheels() {
   if [[ "${CLBENCH_GPU_CHECK_SKIP_WHEELS:-0}" == 1 ]]; then echo "wheels skipped"; return 0; fi
-  local wheels=()
-  for w in "$REPO"/.whl/*.whl; do
-    case "$(basename "$w")" in  # only where the host lacks them: never shadow its own copy
-      protobuf-*) $PY -c "import google.protobuf" 2>/dev/null && continue ;;
-      psutil-*) $PY -c "import psutil" 2>/dev/null && continue ;;
-    esac
-    wheels+=("$w")
+  local wheels=("$REPO"/.whl/*.whl) w mod
+  for w in "$REPO"/.whl/if-missing/*.whl; do  # only where the host lacks them: never shadow its own
+    mod=$(basename "$w" | cut -d- -f1 | tr 'A-Z' 'a-z')
+    [[ $mod == protobuf ]] && mod=google.protobuf
+    $PY -c "import $mod" 2> /dev/null || { echo "host lacks $mod: installing $(basename "$w")"; wheels+=("$w"); }
   done
   (( ${#wheels[@]} )) || { echo "no wheels in $REPO/.whl"; return 1; }
   $PY -m pip install --no-index --no-deps --target "$TARGET" "${wheels[@]}"
