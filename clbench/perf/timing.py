@@ -46,14 +46,28 @@ def default_precisions(device) -> list[str]:
     return ["bf16"] if device.type == "cuda" else ["fp32"]
 
 
+def _tf32_switches():
+    """(object, attribute, on, off) for cuBLAS matmuls and cuDNN convolutions: the
+    ``fp32_precision`` API where torch has it (reading the legacy ``allow_tf32`` after the new API
+    was used raises), else ``allow_tf32``."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    try:
+        matmul.fp32_precision, conv.fp32_precision  # noqa: B018 (probe)
+        return [(matmul, "fp32_precision", "tf32", "ieee"), (conv, "fp32_precision", "tf32", "ieee")]
+    except (AttributeError, RuntimeError):
+        return [(matmul, "allow_tf32", True, False), (torch.backends.cudnn, "allow_tf32", True, False)]
+
+
 @contextlib.contextmanager
 def precision(name: str, device):
     """Run a block the way ``clbench run --precision name`` runs training: bf16 autocast, TF32
     matmuls/convolutions, or plain fp32 (TF32 off, PyTorch's default)."""
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}")
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
+    switches = _tf32_switches()
+    saved = [getattr(obj, attr) for obj, attr, _, _ in switches]
+    for obj, attr, on, off in switches:
+        setattr(obj, attr, on if name == "tf32" else off)
     try:
         if name == "bf16":
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -61,7 +75,8 @@ def precision(name: str, device):
         else:
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for (obj, attr, _, _), value in zip(switches, saved):
+            setattr(obj, attr, value)
 
 
 class PeakMemory:
