@@ -20,6 +20,7 @@
 # PYTHON (default python3), CLBENCH_GPU_CHECK_TARGET / CLBENCH_GPU_CHECK_WORK (scratch folders),
 # CLBENCH_GPU_CHECK_BUDGET (seconds for the whole script, default 540).
 set -u
+{  # parsed whole before it runs: editing this file during a run cannot change the run
 : "${OUT:?set OUT to the folder that receives the results}"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -94,17 +95,17 @@ if [[ "$TINY" == 1 ]]; then
   DEVICE=cpu; SHAPES=tiny; PRECISIONS=fp32; LOSS_PRECISIONS=fp32; HIGH=fp32
   E2E="--e2e-tasks 2 --e2e-classes-per-task 3 --e2e-train-per-class 8 --e2e-test-per-class 4 --e2e-side 64 --e2e-model-steps 3 --workers 2"
   LOSS="--losscurve-steps 10 --losscurve-batch 8 --losscurve-lr 1e-3"
-  DIGITS="--methods finetune,sdlora --epochs 1 --seeds 1993,1994"
+  DIGITS="--methods finetune,sdlora --epochs 1"; SEEDS="1993 1994"
   ALL="--methods all --epochs 1 --seeds 1993"
 else
   DEVICE=cuda; SHAPES=vit-b16; PRECISIONS=bf16,fp32; LOSS_PRECISIONS=bf16,fp32; HIGH=bf16
   E2E="--e2e-tasks 3 --e2e-classes-per-task 20 --e2e-train-per-class 120 --e2e-test-per-class 30 --e2e-side 448"
   LOSS="--losscurve-steps 100 --losscurve-batch 64 --losscurve-lr 1e-4"
-  DIGITS="--seeds 1993,1994,1995"
+  DIGITS=""; SEEDS="1993 1994 1995"
   ALL="--methods all --epochs 1 --seeds 1993"
 fi
 
-export PY REPO TARGET WORK DEVICE DIGITS ALL HIGH HAS_PRECISION
+export PY REPO TARGET WORK DEVICE DIGITS SEEDS ALL HIGH HAS_PRECISION
 
 # ---------------------------------------------------------------------------------- 2. speed
 # Alone on the machine: these are the timing figures.
@@ -114,21 +115,25 @@ mkdir -p "$OUT/e2e_runs"
 (cd "$WORK/e2e/runs" && find . -name results.json -exec cp --parents {} "$OUT/e2e_runs/" \;) 2>/dev/null
 
 # ---------------------------------------------------------------------------------- 3. accuracy, dtypes
-# Not timing: the three runs share the GPU, the loss curves run meanwhile.
-run_digits() {  # precision name
-  $PY -m clbench run --device $DEVICE $DIGITS $(precision "$1") --out "$WORK/runs" --name "digits-$1" --no-report
+# Not timing: one process per (precision, seed) and the all-methods run share the GPU (a tiny
+# model leaves it mostly idle), the loss curves run meanwhile.
+run_digits() {  # precision seed
+  $PY -m clbench run --device $DEVICE $DIGITS --seeds "$2" $(precision "$1") --out "$WORK/runs" --name "digits-$1-seed$2" --no-report
 }
 run_all() {
   $PY -m clbench run --device $DEVICE $ALL $(precision $HIGH) --out "$WORK/runs" --name "all-$HIGH" --no-report
 }
 PAR=$(( $(left) - 20 )); (( PAR > 420 )) && PAR=420
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # four processes share the cores here
-step digits_$HIGH $PAR run_digits $HIGH & P1=$!
-if [[ "$TINY" != 1 ]]; then step digits_fp32 $PAR run_digits fp32 & P2=$!; else P2=; fi
-step all_methods_$HIGH $PAR run_all & P3=$!
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # up to eight processes share the cores here
+PIDS=()
+DIGIT_PRECISIONS=$HIGH; [[ "$TINY" != 1 ]] && DIGIT_PRECISIONS="bf16 fp32"
+for p in $DIGIT_PRECISIONS; do
+  for seed in $SEEDS; do step digits_${p}_seed$seed $PAR run_digits $p $seed & PIDS+=($!); done
+done
+step all_methods_$HIGH $PAR run_all & PIDS+=($!)
 step losscurve 150 $PY -m clbench.perf --sections losscurve --device $DEVICE --shapes $SHAPES \
   --losscurve-precisions $LOSS_PRECISIONS $LOSS --json "$OUT/perf_losscurve.json"
-wait $P1 $P2 $P3
+wait "${PIDS[@]}"
 mkdir -p "$OUT/runs"
 (cd "$WORK/runs" && find . -name results.json -exec cp --parents {} "$OUT/runs/" \;) 2>/dev/null
 
@@ -173,7 +178,7 @@ acc = defaultdict(lambda: defaultdict(list))
 status = {}
 for path in sorted((out / "runs").glob("*/*/*/seed-*/results.json")):
     r = json.loads(path.read_text())
-    run = path.parts[-5]
+    run = path.parts[-5].split("-seed")[0]
     done = r.get("complete") or r.get("status") == "complete"
     if run.startswith("all-"):
         status[r["method"]] = "complete" if done else f"stopped after {len(r['total'])} tasks"
@@ -195,3 +200,5 @@ if status:
 print(f"\nfiles: {out}")
 EOF
 echo "total $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"
+exit 0
+}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def _measure(args, spec, root: Path, device, log) -> dict:
         model = model_rates(plain, p, batch, device, steps=args.e2e_model_steps,
                             eval_batch=eval_batch, n_classes=args.e2e_classes_per_task)
         name = f"e2e-{p}"
+        shutil.rmtree(root / "runs" / name, ignore_errors=True)  # a finished run would be skipped
         argv = ["run", "--plugin", "clbench.perf.synthetic_bench", "--bench", "imagenet-r-synthetic",
                 "--data-dir", str(root), "--tasks", str(args.e2e_tasks), "--methods", args.e2e_method,
                 "--seeds", str(args.e2e_seed), "--epochs", str(args.e2e_epochs),
@@ -147,11 +149,12 @@ def _measure(args, spec, root: Path, device, log) -> dict:
             argv += ["--precision", p]
         log(f"perf e2e [{p}]: clbench {' '.join(argv)}")
         code = cli_main(argv)
-        path = (root / "runs" / name / f"imagenet-r-{args.e2e_tasks}tasks" / args.e2e_method
-                / f"seed-{args.e2e_seed}" / "results.json")
-        if code != 0 or not path.is_file():
-            figures["precisions"][p] = {"model": model, "error": f"clbench run exited {code}"}
+        found = sorted((root / "runs" / name).rglob("results.json"))
+        if code != 0 or len(found) != 1:
+            figures["precisions"][p] = {"model": model, "error": f"clbench run exited {code} "
+                                        f"and wrote {len(found)} results.json"}
             continue
+        path = found[0]
         results = json.loads(path.read_text())
         run = run_rates(results, args.e2e_classes_per_task * spec.train_per_class, args.e2e_epochs)
         run["results"] = str(path)
