@@ -143,3 +143,23 @@ def test_losscurve_same_start_and_data_per_precision(tmp_path, capsys):
     assert len(r["curves"]["fp32"]) == 6 and all(positive(v) for v in r["curves"]["fp32"])
     assert r["max_abs_step_difference_vs_reference"]["fp32"] == 0.0
     assert "losscurve." in out
+
+
+@pytest.mark.slow
+def test_sdlora_scaling_falls_back_to_the_strategy(monkeypatch):
+    """Without the adapter module (e.g. moved), section 3 trains the registered strategy instead."""
+    import torch
+
+    from clbench.perf import sdlora_tools
+    from clbench.perf.sdlora_scaling import measure_sdlora_scaling
+    from clbench.perf.setup import make_backbone, shapes_for
+
+    def missing():
+        raise ImportError("moved")
+
+    monkeypatch.setattr(sdlora_tools, "adapter_class", missing)
+    shapes = shapes_for("tiny", True, 1)
+    backbone, mean, std = make_backbone(shapes)
+    s = measure_sdlora_scaling(backbone, mean, std, shapes, torch.device("cpu"), n_tasks=3)
+    assert s["source"].startswith("SDLoRA strategy") and s["tasks"] == 3
+    assert s["step_ratio"] == pytest.approx(s["step_task3_s"] / s["step_task1_s"])
