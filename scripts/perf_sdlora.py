@@ -6,7 +6,8 @@
 * trainable parameters per task: LoRA pairs + magnitudes (rank 10: 368,640 + t; rank 6: 221,184 + t).
 
 Usage: python scripts/perf_sdlora.py [--json out.json] [--device cpu|cuda] [--batch 8]
-Needs only torch and timm (not Avalanche). Default shapes: ViT-B/16 (random init), batch 8.
+Default shapes: ViT-B/16 (random init), batch 8. The SD-LoRA states come from
+``clbench.perf.sdlora_tools`` (shared with ``clbench perf``'s section 3).
 """
 from __future__ import annotations
 
@@ -14,81 +15,12 @@ import argparse
 import copy
 import json
 import statistics
-import time
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from clbench.sdlora_adapter import DecoupledLoRA
-
-
-class Net(nn.Module):
-    """Backbone + linear head, the shape of clbench's CLModel without its Avalanche imports."""
-
-    def __init__(self, backbone, n_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, n_classes)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-
-def advance(model: Net, tasks: int, rank: int, classes_per_task: int) -> DecoupledLoRA:
-    """SD-LoRA state at the start of task ``tasks`` (0-based): earlier pairs trained (random B)."""
-    lora = DecoupledLoRA(model)
-    generator = torch.Generator().manual_seed(0)
-    for task in range(tasks + 1):
-        lora.begin_task(task, rank, "factor_product", reset_magnitudes=True, init=0.8)
-        if task < tasks:
-            for s in lora.slices():
-                s.B_cur.data.copy_(0.01 * torch.randn(s.B_cur.shape, generator=generator))
-            lora.end_task(None, "factor_product")
-    model.known = tasks * classes_per_task
-    return lora
-
-
-def lora_parameter_count(lora: DecoupledLoRA) -> int:
-    pairs = sum(s.A_cur.numel() + s.B_cur.numel() for s in lora.slices())
-    return pairs + lora.magnitudes.alpha.numel()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    began = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - began
-
-
-class State:
-    """An SD-LoRA state (per-block slices, magnitudes, head) that can be swapped into one backbone,
-    so both measurements run on the same weights in the same memory (separate model copies
-    differed by several percent on CPU for identical work)."""
-
-    def __init__(self, model: Net, lora: DecoupledLoRA):
-        self.slices = [adapter.slices for adapter in lora.adapters]
-        self.magnitudes = lora.magnitudes
-        self.head = model.head
-        self.known = model.known
-        self.lora = lora
-        params = [p for s in lora.slices() for p in (s.A_cur, s.B_cur)]
-        self.optimizer = torch.optim.SGD([*params, lora.magnitudes.alpha, *model.head.parameters()],
-                                         lr=1e-4, momentum=0.9)
-
-    def use(self, model: Net, adapters) -> None:
-        for adapter, slices in zip(adapters, self.slices):
-            adapter.slices = slices
-            object.__setattr__(adapter, "magnitudes", self.magnitudes)
-            adapter.invalidate()
-        model.head = self.head
-        model.known = self.known
+from clbench.perf.sdlora_tools import Net, State, advance, lora_parameter_count
+from clbench.perf.timing import timed
 
 
 def main(argv=None) -> int:
