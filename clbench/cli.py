@@ -102,13 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None)
     sweep.add_argument("--no-wait", action="store_true", help="submit and return without waiting")
 
-    perf = sub.add_parser("perf", help="measure harness overhead and method costs side by side")
-    perf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    perf.add_argument("--json", default="perf.json", help="where to write the figures")
-    perf.add_argument("--shapes", choices=("tiny", "vit-b16"), default="tiny",
-                      help="model shapes for the per-method timings")
-    perf.add_argument("--repeats", type=int, default=5)
-    perf.add_argument("--quick", action="store_true", help="fewer repeats, smaller batches")
+    from clbench.perf.options import add_arguments as add_perf_arguments
+
+    add_perf_arguments(sub.add_parser("perf", help="measure harness overhead, method costs and "
+                                                   "end-to-end speed side by side"))
 
     report = sub.add_parser("report", help="comparison tables and plots from run folders")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
