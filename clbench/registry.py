@@ -138,10 +138,12 @@ def static_entries(registry: Registry, plugin_files: list[str] = ()) -> list[Ent
     spec = importlib.util.find_spec(registry.package)
     found: dict[str, Entry] = {}
     for folder in spec.submodule_search_locations or []:
-        for path in sorted(Path(folder).glob("*.py")):
+        # top-level modules and the modules of method packages (methods/<name>/*.py)
+        for path in sorted([*Path(folder).glob("*.py"), *Path(folder).glob("*/*.py")]):
             if not path.name.startswith("_"):
                 for name, text in _declared_in(path, decorator):
-                    found[name] = Entry(name, object, text, f"built-in ({path.name})")
+                    where = path.relative_to(folder).as_posix()
+                    found[name] = Entry(name, object, text, f"built-in ({where})")
     for ep in entry_points(group=registry.package):
         found.setdefault(ep.name, Entry(ep.name, object, "(installed package)", f"entry point {ep.value}"))
     for plugin in plugin_files:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clbench.sdlora_adapter import DecoupledLoRA
+from clbench.methods.sdlora.adapter import DecoupledLoRA
 
 
 class Net(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from clbench import subspace
+from clbench.methods.inflora import subspace
 from clbench.strategy import CLModel
 from clbench.methods.inflora import InfLoRA, InfLoRAAdapter
 from clbench.strategy import cosine_per_epoch
@@ -259,7 +259,7 @@ def test_checkpoint_restores_model_and_memory(two_tasks, stream):
 
 # ----------------------------------------------------------------- InfLoRA+CA
 def test_classifier_alignment_statistics_and_head_retraining(stream):
-    from clbench.methods.inflora_ca import InfLoRACA
+    from clbench.methods.inflora.ca import InfLoRACA
 
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=DIM, depth=2, num_heads=3,

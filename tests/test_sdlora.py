@@ -19,7 +19,7 @@ from clbench.adapters import QKVAdapter
 from clbench.benchmark import SplitData
 from clbench.hparams import parse_override
 from clbench.registry import METHODS
-from clbench.sdlora_adapter import DecoupledLoRA, least_squares_fit
+from clbench.methods.sdlora.adapter import DecoupledLoRA, least_squares_fit
 from clbench.streams import build_stream
 from clbench.strategy import CLModel
 

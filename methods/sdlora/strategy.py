@@ -6,7 +6,7 @@ pairs freeze as *directions* and only their *magnitudes* keep learning:
     W_q = W0_q + Σ_{k<t} α_k·B_k A_k / norm_k + α_t·B_t A_t        (same for v; k, proj, MLP frozen)
 
 with one scalar α_k per task shared by all blocks and by q and v. Mechanics (stacked buffers,
-merged-weight training step and inference) live in ``clbench/sdlora_adapter.py``.
+merged-weight training step and inference) live in ``adapter.py`` next to this file.
 
 Two modes (``mode``):
 
@@ -54,8 +54,8 @@ import torch
 
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
+from clbench.methods.sdlora.adapter import DecoupledLoRA
 from clbench.registry import register_method
-from clbench.sdlora_adapter import DecoupledLoRA
 from clbench.strategy import CLStrategy
 
 MODES = ("official", "paper")

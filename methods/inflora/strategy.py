@@ -12,7 +12,7 @@ Design (``before_task``): one no-grad pass over the task's training data gives e
 uncentred input second moment S_t (all tokens of all images, the qkv input = norm1 output, with
 the current network); S_t is projected out of the stored old-task subspace (left side only),
 and Down_t = (top-r left singular vectors)ᵀ/√3. Memory (``after_task``): a second pass with the
-trained network, then one DualGPM step per layer (``clbench/subspace.py``) with threshold
+trained network, then one DualGPM step per layer (``subspace.py``) with threshold
 ε_t = λ_b + (λ_e − λ_b)·t/T. Both passes happen inside ``strategy.train()``, so they are timed.
 
 Equivalent-math implementation choices: finished branches are folded into one frozen dense delta
@@ -41,14 +41,14 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from clbench.adapters import SLICE_INDEX, QKVAdapter, install_qkv_adapters
+from clbench.adapters import install_qkv_adapters
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
+from clbench.methods.inflora.adapter import InfLoRAAdapter
+from clbench.methods.inflora.subspace import LayerMemory, SecondMoments, design_down, threshold
 from clbench.registry import register_method
 from clbench.strategy import CLStrategy, cosine_per_epoch
-from clbench.subspace import LayerMemory, SecondMoments, design_down, threshold
 
 DOWN_SCALE = 1 / math.sqrt(3)  # hard-coded in the official code
 
@@ -83,65 +83,6 @@ class InfLoRAConfig(TrainConfig):
     head_lr: Optional[float] = None   # None: same as lr (official DomainNet: 1e-2)
     memory: str = "dual"              # "dual" (DualGPM) or "gpm" (remove mode only)
     project: bool = True              # False: ablation, Down_t from the unprojected S_t
-
-
-class InfLoRAAdapter(QKVAdapter):
-    """k/v branches of one block: frozen designed ``down`` (shared), trained ``up_k``/``up_v``,
-    and ``old_delta`` = the folded sum of finished tasks' branches (2 × D × D: k, v)."""
-
-    def __init__(self, qkv: nn.Linear, rank: int):
-        super().__init__(qkv, ("k", "v"))
-        d, kw = self.dim, dict(device=qkv.weight.device, dtype=qkv.weight.dtype)
-        self.register_buffer("down", torch.zeros(rank, d, **kw))
-        self.up_k = nn.Parameter(torch.zeros(d, rank, **kw))
-        self.up_v = nn.Parameter(torch.zeros(d, rank, **kw))
-        self.register_buffer("old_delta", torch.zeros(2, d, d, **kw))
-        self._frozen: torch.Tensor | None = None  # W + old deltas, cached for training steps
-
-    def _up(self, target: str) -> nn.Parameter:
-        return self.up_k if target == "k" else self.up_v
-
-    def slice_delta_weight(self, target: str) -> torch.Tensor:
-        return self.old_delta[SLICE_INDEX[target] - 1] + self._up(target) @ self.down
-
-    def slice_delta(self, x: torch.Tensor, target: str) -> torch.Tensor:
-        old = F.linear(x, self.old_delta[SLICE_INDEX[target] - 1])
-        return old + F.linear(F.linear(x, self.down), self._up(target))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)  # one linear with everything merged
-        if self._frozen is None:
-            frozen = self.qkv.weight.detach().clone()
-            frozen[self.dim:] += self.old_delta.reshape(2 * self.dim, self.dim)
-            self._frozen = frozen
-        q, k, v = F.linear(x, self._frozen, self.qkv.bias).split(self.dim, dim=-1)
-        h = F.linear(x, self.down)
-        return torch.cat([q, k + F.linear(h, self.up_k), v + F.linear(h, self.up_v)], dim=-1)
-
-    def invalidate(self) -> None:
-        super().invalidate()
-        self._frozen = None
-
-    def train(self, mode: bool = True):
-        self._frozen = None
-        return super().train(mode)
-
-    @torch.no_grad()
-    def start_task(self, down: torch.Tensor) -> None:
-        self.down.copy_(down)
-        self.up_k.zero_()
-        self.up_v.zero_()
-        self.invalidate()
-
-    @torch.no_grad()
-    def fold(self) -> None:
-        """Freeze the finished branch into ``old_delta`` (same function, flat cost)."""
-        self.old_delta[0] += self.up_k @ self.down
-        self.old_delta[1] += self.up_v @ self.down
-        self.up_k.zero_()
-        self.up_v.zero_()
-        self.invalidate()
 
 
 @register_method("inflora", "InfLoRA: k/v LoRA with a designed down-projection orthogonal to "

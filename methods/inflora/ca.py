@@ -32,7 +32,7 @@ from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
 from clbench.distributed import all_reduce_sum
-from clbench.methods.inflora import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
+from clbench.methods.inflora.strategy import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
 from clbench.registry import register_method
 
 # Official configs/mimg10_infloraca.json (InfLoRA_CA) and configs/cifar100_infloraca.json (_CA1).
