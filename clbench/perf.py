@@ -41,6 +41,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch.nn import functional as F
 
+from clbench.adapters import mergeable
 from clbench.errors import UsageError
 
 HARNESS_TARGET = 1.05
@@ -471,6 +472,8 @@ def _scaling_with_script(script, backbone, shapes: Shapes, device, n_tasks: int)
             steps[label].append(script.timed(lambda: step(label), device))
     for model in models.values():
         model.eval()
+        for module in mergeable(model):  # inference runs merged, as in evaluation
+            module.merge()
     evals = {"first": [], "last": []}
     for k in range(shapes.eval_steps + 1):
         for label in (("first", "last") if k % 2 == 0 else ("last", "first")):

@@ -86,7 +86,7 @@ class State:
         for adapter, slices in zip(adapters, self.slices):
             adapter.slices = slices
             object.__setattr__(adapter, "magnitudes", self.magnitudes)
-            adapter.invalidate()
+            adapter.unmerge()  # another state: a merged weight would be stale
         model.head = self.head
         model.known = self.known
 
@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     step_times = interleaved(step, ["first", "last"], args.repeats)
     net.eval()
     states["last"].use(net, adapters)
+    for adapter in adapters:  # "merged": evaluation's merged state (one linear per qkv)
+        adapter.merge()
     eval_times = interleaved(eval_forward, ["merged", "plain"], args.repeats * 2)
     eval_forward("merged")
 

@@ -20,7 +20,6 @@ class InfLoRAAdapter(QKVAdapter):
         self.up_k = nn.Parameter(torch.zeros(d, rank, **kw))
         self.up_v = nn.Parameter(torch.zeros(d, rank, **kw))
         self.register_buffer("old_delta", torch.zeros(2, d, d, **kw))
-        self._frozen: torch.Tensor | None = None  # W + old deltas, cached for training steps
 
     def _up(self, target: str) -> nn.Parameter:
         return self.up_k if target == "k" else self.up_v
@@ -32,31 +31,20 @@ class InfLoRAAdapter(QKVAdapter):
         old = F.linear(x, self.old_delta[SLICE_INDEX[target] - 1])
         return old + F.linear(F.linear(x, self.down), self._up(target))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)  # one linear with everything merged
-        if self._frozen is None:
-            frozen = self.qkv.weight.detach().clone()
-            frozen[self.dim:] += self.old_delta.reshape(2 * self.dim, self.dim)
-            self._frozen = frozen
-        q, k, v = F.linear(x, self._frozen, self.qkv.bias).split(self.dim, dim=-1)
+    def unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One linear with W + the folded old deltas (a d×3d add per call, negligible next to the
+        token matmul, and nothing cached that could go stale), plus the current branch."""
+        frozen = self.qkv.weight.detach().clone()
+        frozen[self.dim:] += self.old_delta.reshape(2 * self.dim, self.dim)
+        q, k, v = F.linear(x, frozen, self.qkv.bias).split(self.dim, dim=-1)
         h = F.linear(x, self.down)
         return torch.cat([q, k + F.linear(h, self.up_k), v + F.linear(h, self.up_v)], dim=-1)
-
-    def invalidate(self) -> None:
-        super().invalidate()
-        self._frozen = None
-
-    def train(self, mode: bool = True):
-        self._frozen = None
-        return super().train(mode)
 
     @torch.no_grad()
     def start_task(self, down: torch.Tensor) -> None:
         self.down.copy_(down)
         self.up_k.zero_()
         self.up_v.zero_()
-        self.invalidate()
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -65,4 +53,3 @@ class InfLoRAAdapter(QKVAdapter):
         self.old_delta[1] += self.up_v @ self.down
         self.up_k.zero_()
         self.up_v.zero_()
-        self.invalidate()

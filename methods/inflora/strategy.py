@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
-from clbench.adapters import install_qkv_adapters
+from clbench.adapters import install_qkv_adapters, merged
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
 from clbench.methods.inflora.adapter import InfLoRAAdapter
@@ -66,8 +66,13 @@ BENCHMARK_DEFAULTS = {
 }
 
 
+OPTIONS = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "step", "annealing"),
+           "memory": ("dual", "gpm")}
+
+
 @dataclass
 class InfLoRAConfig(TrainConfig):
+    lr_scaled_fields: ClassVar[tuple[str, ...]] = ("head_lr",)  # --lr scales it like lr
     epochs: int = 20
     lr: float = 5e-4
     batch_size: int = 128
@@ -84,6 +89,21 @@ class InfLoRAConfig(TrainConfig):
     memory: str = "dual"              # "dual" (DualGPM) or "gpm" (remove mode only)
     project: bool = True              # False: ablation, Down_t from the unprojected S_t
 
+    def __post_init__(self):
+        for name, options in OPTIONS.items():
+            if getattr(self, name) not in options:
+                raise UsageError(f"inflora {name} must be one of {', '.join(options)}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.rank < 1:
+            raise UsageError(f"inflora rank must be a positive integer, got {self.rank}")
+        if not 0 < self.lambda_b <= self.lambda_e <= 1:
+            raise UsageError(f"inflora thresholds need 0 < lambda_b <= lambda_e <= 1, got "
+                             f"lambda_b={self.lambda_b}, lambda_e={self.lambda_e}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise UsageError(f"inflora head_lr must be positive (or None: same as lr), got {self.head_lr}")
+        if self.weight_decay < 0 or self.step_epoch < 0:
+            raise UsageError("inflora weight_decay and step_epoch must be non-negative")
+
 
 @register_method("inflora", "InfLoRA: k/v LoRA with a designed down-projection orthogonal to "
                             "old tasks' input subspace (DualGPM memory), 1 forward pass")
@@ -95,13 +115,15 @@ class InfLoRA(CLStrategy):
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
         return dict(BENCHMARK_DEFAULTS.get(benchmark, {}))
 
+    @classmethod
+    def validate(cls, config, context) -> None:
+        if context.embed_dim and config.rank > context.embed_dim:
+            raise UsageError(f"{cls.registered_name} rank {config.rank} exceeds the backbone's "
+                             f"width {context.embed_dim}: set --set {cls.registered_name}.rank=<= "
+                             f"{context.embed_dim}")
+
     def prepare_model(self, model) -> None:
         cfg = self.config
-        for name, value, options in (("optimizer", cfg.optimizer, ("adam", "sgd")),
-                                     ("schedule", cfg.schedule, ("cosine", "step", "annealing")),
-                                     ("memory", cfg.memory, ("dual", "gpm"))):
-            if value not in options:
-                raise UsageError(f"inflora.{name} must be one of {options}, got {value!r}")
         super().prepare_model(model)
         self.adapters = install_qkv_adapters(
             model.backbone, lambda index, qkv: InfLoRAAdapter(qkv, cfg.rank))
@@ -111,10 +133,11 @@ class InfLoRA(CLStrategy):
     # ----------------------------------------------------------------- task boundaries
     @torch.no_grad()
     def second_moments(self) -> list[torch.Tensor]:
-        """S per adapted layer over the current task's training loader (current network)."""
+        """S per adapted layer over the current task's training loader (current network; merged
+        for the pass, since it is inference)."""
         was_training = self.model.training
         self.model.eval()
-        with SecondMoments(self.adapters) as moments:
+        with merged(self.model), SecondMoments(self.adapters) as moments:
             for batch in self.dataloader:
                 self.model.features(batch[0].to(self.device))
         self.model.train(was_training)
@@ -129,13 +152,10 @@ class InfLoRA(CLStrategy):
     def after_task(self, task: int) -> None:
         for adapter in self.adapters:
             adapter.fold()
-        eps = threshold(self.config.lambda_b, self.config.lambda_e, task, self.n_tasks())
+        eps = threshold(self.config.lambda_b, self.config.lambda_e, task, self.context.n_tasks)
         for memory, s_mat in zip(self.memories, self.second_moments()):
             memory.update(s_mat, eps)
         self.last_threshold = eps
-
-    def n_tasks(self) -> int:
-        return len(self.experience.origin_stream)
 
     def task_info(self) -> dict:
         return {"threshold": self.last_threshold,
@@ -188,5 +208,3 @@ class InfLoRA(CLStrategy):
         for memory, saved in zip(self.memories, state["memories"]):
             memory.load(saved)
         self.last_threshold = state.get("last_threshold")
-        for adapter in self.adapters:
-            adapter.invalidate()
