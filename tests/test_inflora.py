@@ -31,6 +31,8 @@ class Recording(InfLoRA):
         self.snap_before = [a.old_delta.clone() for a in self.adapters]
         self.bases_at_design = [(m.basis.clone(), m.retain) for m in self.memories]
         super().before_task(task)
+        fc = self.model.head.fc
+        self.new_head = (fc.weight[self.known_classes:].clone(), fc.bias[self.known_classes:].clone())
         self.designed = [a.down.clone() for a in self.adapters]
         self.probe_after_design = self.model_features(self.probe)
 
@@ -99,6 +101,16 @@ def test_new_branch_starts_as_identity(two_tasks):
     # ... and the designed rows are orthonormal up to the official 1/√3
     for down in s.designed:
         torch.testing.assert_close(down @ down.T * 3, torch.eye(down.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_new_head_rows_are_a_default_nn_linear(two_tasks):
+    """Official heads are default nn.Linear layers: weight and bias U(±1/√D) (the shared head's
+    kaiming-linear init would reach √3/√D and leave a zero bias)."""
+    weight, bias = two_tasks.new_head
+    bound = DIM ** -0.5
+    assert weight.shape == (2, DIM) and weight.abs().max() <= bound
+    assert weight.abs().max() > 0.8 * bound and weight.std() > 0.4 * bound
+    assert bias.abs().min() > 0 and bias.abs().max() <= bound
 
 
 def test_down_rows_orthogonal_to_stored_basis_remove_mode(two_tasks):
@@ -215,6 +227,23 @@ def test_dual_memory_bounded_by_half_and_monotone_in_remove_mode():
         a = torch.randn(d, 4, dtype=torch.float64)
         gpm.update(a @ a.T, 0.95)
     assert not gpm.retain and gpm.basis.shape[1] > d // 2
+
+
+def test_second_moments_are_formed_in_float64():
+    """Each batch's Gram matrix is computed in float64 (a float32 product, summed in float64
+    afterwards, is off by whole units on these large, nearly equal tokens)."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    batches = [1000 + 0.01 * torch.randn(4, 64, 8, generator=g) for _ in range(3)]
+    with subspace.SecondMoments([layer]) as moments:
+        for x in batches:
+            layer(x)
+    exact = sum(x.reshape(-1, 8).double().T @ x.reshape(-1, 8).double() for x in batches)
+    float32 = sum((x.reshape(-1, 8).T @ x.reshape(-1, 8)).double() for x in batches)
+    assert moments.counts == [3 * 4 * 64]
+    torch.testing.assert_close(moments.sums[0], exact, rtol=1e-14, atol=0)
+    assert (float32 - exact).abs().max() > 1.0
+    torch.testing.assert_close(moments.matrices()[0], exact / (3 * 4 * 64), rtol=1e-14, atol=0)
 
 
 def test_strategy_records_schedule_and_bounded_bases(two_tasks):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from clbench.methods.coda_prompt import (CodaPrompt, component_weights,  # noqa:
                                          gram_schmidt_rows, ortho_penalty)
 from clbench.methods.l2p import (L2P, L2PPlusPlus, PromptPool, pull_loss,  # noqa: E402
                                  select_prompts)
-from clbench.strategy import CLModel, cosine_per_epoch  # noqa: E402
+from clbench.strategy import CLModel  # noqa: E402
 from clbench.streams import build_stream  # noqa: E402
 
 
@@ -115,18 +114,6 @@ def test_clamp_blocks_to_depth():
     assert prompting.clamp_blocks([0], 12) == [0]
     with pytest.raises(ValueError):
         prompting.clamp_blocks([5, 6], 4)
-
-
-def test_cosine_per_epoch_is_the_official_formula():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = cosine_per_epoch(opt, 5)
-    lrs = []
-    for _ in range(5):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([math.cos(99 * math.pi * e / (200 * 4)) for e in range(5)])
-    assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(0.0157, abs=1e-3)
 
 
 # ------------------------------------------------------------------ ViT-B/16 shapes

@@ -121,7 +121,7 @@ class InfLoRACA(InfLoRA):
         self.class_task += [task] * len(means)
 
     def gaussian(self, c: int, task: int) -> MultivariateNormal:
-        shrink = 0.9 + 0.1 * (self.class_task[c] + 1) / (task + 1)
+        shrink = 0.9 + (self.class_task[c] + 1) / (task + 1) * 0.1  # the official order of operations
         mean = (self.class_means[c] * shrink).float().to(self.device)
         cov = self.class_covs[c].to(self.device)
         eye = torch.eye(cov.shape[0], device=self.device)

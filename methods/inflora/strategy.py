@@ -17,9 +17,15 @@ trained network, then one DualGPM step per layer (``subspace.py``) with threshol
 
 Equivalent-math implementation choices: finished branches are folded into one frozen dense delta
 per k/v slice (``old_delta``) instead of kept as T factor pairs, and the training step runs one
-linear with W + old deltas (cached) plus the current low-rank branch, so the per-step cost does
-not grow with the number of tasks; inference is one plain forward with everything merged.
-The per-task heads concatenated at test equal the core's growing head with the current-task loss.
+linear with W + old deltas plus the current low-rank branch, so the per-step cost does not grow
+with the number of tasks; evaluation merges everything (``merge()``, called by the core) into one
+plain forward. The per-task heads concatenated at test equal the core's growing head with the
+current-task loss; the new rows are re-drawn as a default ``nn.Linear`` (U(±1/√D) weight and
+bias), the official heads' initialisation.
+
+Optimisation as the official ``_train``: Adam (or SGD) on the up-projections and the head with
+the official ``CosineSchedule`` as its loop steps it (``clbench/schedules.py``: epoch e trains at
+lr·cos(99π·max(e−1, 0)/(200(K−1))), the first two epochs at the full lr).
 
 Deviations from the official code (also in the README section of the report):
 * DomainNet uses the official ``inflora_domain.py`` path: plain GPM memory ("remove" only, no
@@ -28,8 +34,8 @@ Deviations from the official code (also in the README section of the report):
   (stores the complement, "retain"); the official code mislabels it (never reached with its
   thresholds). In "retain" mode at most as many directions are removed as the complement has.
 * ImageNet-A and CUB-200 have no official config; they use the ImageNet-R one.
-* Second moments are summed in float64 (official: float32 running mean) and the SVDs run in
-  float64 on the activations' device (official: numpy float32); the same quantities.
+* Second moments are formed per batch and summed in float64 (official: float32 running mean)
+  and the SVDs run in float64 on the activations' device (official: float32); the same quantities.
 * Statistics passes iterate the harness' training loader, i.e. its training augmentation, like the
   official code (whose augmentation differs: the harness' transforms are shared by all methods).
 """
@@ -81,7 +87,8 @@ class InfLoRAConfig(TrainConfig):
     lambda_e: float = 1.0             # threshold limit at t = T
     optimizer: str = "adam"           # "adam" (β 0.9/0.999) or "sgd" (momentum 0.9)
     weight_decay: float = 0.0
-    # "cosine": official lr·cos(99πe/(200(K−1))); "step": ×0.1 at step_epoch;
+    # "cosine": official CosineSchedule, epoch e at lr·cos(99π·max(e−1,0)/(200(K−1)));
+    # "step": ×0.1 at step_epoch;
     # "annealing": torch CosineAnnealingLR(T_max=epochs) (official SGD runs of InfLoRA+CA)
     schedule: str = "cosine"
     step_epoch: int = 4
@@ -144,10 +151,20 @@ class InfLoRA(CLStrategy):
         return moments.matrices()
 
     def before_task(self, task: int) -> None:
+        self.init_new_head_rows()
         for adapter, memory, s_mat in zip(self.adapters, self.memories, self.second_moments()):
             basis = memory.projection_basis() if self.config.project else None
             down = design_down(s_mat, basis, memory.retain, self.config.rank, DOWN_SCALE)
             adapter.start_task(down.to(adapter.down))
+
+    @torch.no_grad()
+    def init_new_head_rows(self) -> None:
+        """The official per-task heads are default-initialised ``nn.Linear``s (weight and bias
+        U(±1/√D)); the shared head's new rows are re-drawn the same way."""
+        fc, known = self.model.head.fc, self.known_classes
+        fresh = nn.Linear(fc.in_features, fc.out_features - known)
+        fc.weight[known:] = fresh.weight.to(fc.weight)
+        fc.bias[known:] = fresh.bias.to(fc.bias)
 
     def after_task(self, task: int) -> None:
         for adapter in self.adapters:
