@@ -48,8 +48,10 @@ class InfLoRAAdapter(QKVAdapter):
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Freeze the finished branch into ``old_delta`` (same function, flat cost)."""
-        self.old_delta[0] += self.up_k @ self.down
-        self.old_delta[1] += self.up_v @ self.down
+        """Freeze the finished branch into ``old_delta`` (same function, flat cost; exact, so
+        never under autocast)."""
+        with torch.autocast(self.down.device.type, enabled=False):
+            self.old_delta[0] += self.up_k @ self.down
+            self.old_delta[1] += self.up_v @ self.down
         self.up_k.zero_()
         self.up_v.zero_()
