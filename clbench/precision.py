@@ -1,4 +1,4 @@
-"""Numeric precision of a run (``--precision``) and the explicit merge state of adapters.
+"""Numeric precision of a run (``--precision``).
 
 ``bf16``: forward passes under bfloat16 autocast (the default on CUDA); ``tf32``: float32 with
 TF32 matrix multiplies; ``fp32``: plain float32 (the default on CPU, and what the tests pin).
@@ -33,18 +33,3 @@ def autocast(precision: str, device: torch.device):
 def exact(device: torch.device | str):
     """A region computed in full precision even inside an autocast forward."""
     return torch.autocast(device_type=torch.device(device).type, enabled=False)
-
-
-@contextlib.contextmanager
-def merged(model: torch.nn.Module):
-    """Merge every adapter that supports it (``merge``/``unmerge``, as in peft) for inference,
-    and unmerge on leaving, so training always resumes on the unmerged parameterisation."""
-    adapters = [m for m in model.modules()
-                if callable(getattr(m, "merge", None)) and callable(getattr(m, "unmerge", None))]
-    for adapter in adapters:
-        adapter.merge()
-    try:
-        yield
-    finally:
-        for adapter in reversed(adapters):
-            adapter.unmerge()

@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     step_times = interleaved(step, ["first", "last"], args.repeats)
     net.eval()
     states["last"].use(net, adapters)
+    for adapter in adapters:  # "merged": evaluation's merged state (one linear per qkv)
+        adapter.merge()
     eval_times = interleaved(eval_forward, ["merged", "plain"], args.repeats * 2)
     eval_forward("merged")
 

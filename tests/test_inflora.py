@@ -1,16 +1,15 @@
 """InfLoRA: designed down-projections, DualGPM memory, interference, gradients, merged inference."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from helpers import build, tiny_vit
+from torch.nn import functional as F
 
-from clbench import subspace
-from clbench.strategy import CLModel
-from clbench.methods.inflora import InfLoRA, InfLoRAAdapter
-from clbench.strategy import cosine_per_epoch
+from clbench.adapters import merged
+from clbench.context import RunContext
+from clbench.errors import UsageError
+from clbench.methods.inflora import InfLoRA, InfLoRAAdapter, InfLoRACA, subspace
 
 DIM = 48
 
@@ -32,6 +31,8 @@ class Recording(InfLoRA):
         self.snap_before = [a.old_delta.clone() for a in self.adapters]
         self.bases_at_design = [(m.basis.clone(), m.retain) for m in self.memories]
         super().before_task(task)
+        fc = self.model.head.fc
+        self.new_head = (fc.weight[self.known_classes:].clone(), fc.bias[self.known_classes:].clone())
         self.designed = [a.down.clone() for a in self.adapters]
         self.probe_after_design = self.model_features(self.probe)
 
@@ -40,23 +41,33 @@ class Recording(InfLoRA):
         self.trained_down = [a.down.clone() for a in self.adapters]
         super().after_task(task)
 
-    @torch.no_grad()
     def model_features(self, x):
-        self.model.eval()
-        out = self.model.features(x)
-        self.model.train()
-        return out
+        return features_of(self, x)
 
 
-def make(stream_, seed=0, **overrides):
-    torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=DIM, depth=2, num_heads=3,
-                            num_classes=0)
-    config = dataclasses.replace(InfLoRA.Config(), **{**InfLoRA.defaults_for("digits", 5),
-                                                       "epochs": 2, **overrides})
-    strategy = Recording(model=CLModel(vit, DIM), config=config, device="cpu", seed=seed)
+@torch.no_grad()
+def features_of(strategy, x):
+    strategy.model.eval()
+    with merged(strategy.model):  # evaluation runs merged (the core merges there)
+        out = strategy.model.features(x)
+    strategy.model.train()
+    return out
+
+
+def make(stream_, cls=Recording, **overrides):
+    config = {**cls.defaults_for("digits", 5), "epochs": 2, **overrides}
+    strategy = build(cls, tiny_vit(dim=DIM), n_tasks=5, **config)
     strategy.probe = torch.stack([stream_.train[0].dataset[i][0] for i in range(16)])
     return strategy
+
+
+@torch.no_grad()
+def merged_out(adapter, h):
+    adapter.merge()
+    try:
+        return adapter(h)
+    finally:
+        adapter.unmerge()
 
 
 @torch.no_grad()
@@ -90,6 +101,16 @@ def test_new_branch_starts_as_identity(two_tasks):
     # ... and the designed rows are orthonormal up to the official 1/√3
     for down in s.designed:
         torch.testing.assert_close(down @ down.T * 3, torch.eye(down.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_new_head_rows_are_a_default_nn_linear(two_tasks):
+    """Official heads are default nn.Linear layers: weight and bias U(±1/√D) (the shared head's
+    kaiming-linear init would reach √3/√D and leave a zero bias)."""
+    weight, bias = two_tasks.new_head
+    bound = DIM ** -0.5
+    assert weight.shape == (2, DIM) and weight.abs().max() <= bound
+    assert weight.abs().max() > 0.8 * bound and weight.std() > 0.4 * bound
+    assert bias.abs().min() > 0 and bias.abs().max() <= bound
 
 
 def test_down_rows_orthogonal_to_stored_basis_remove_mode(two_tasks):
@@ -127,9 +148,9 @@ def test_old_task_layer_outputs_move_far_less_than_unconstrained_lora(stream):
         s.train(stream.train[0])
         inputs = layer_inputs(s, stream.train[0])
         protected = [h @ (m.basis @ m.basis.T).float() for h, m in zip(inputs, s.memories)]
-        before = [a.eval()(h) for a, h in zip(s.adapters * 2, inputs + protected)]
+        before = [merged_out(a, h) for a, h in zip(s.adapters * 2, inputs + protected)]
         s.train(stream.train[1])
-        after = [a.eval()(h) for a, h in zip(s.adapters * 2, inputs + protected)]
+        after = [merged_out(a, h) for a, h in zip(s.adapters * 2, inputs + protected)]
         change = [float((y1 - y0)[..., DIM:].norm() / y0[..., DIM:].norm())
                   for y0, y1 in zip(before, after)]
         drift[project] = max(change[: len(inputs)])
@@ -161,16 +182,6 @@ def test_only_current_up_projections_and_head_train(two_tasks):
     assert all(a.up_k.grad.abs().sum() > 0 for a in s.adapters)
     assert s.model.head.fc.weight.grad[: s.known_classes].abs().sum() == 0
     assert s.model.head.fc.weight.grad[s.known_classes:].abs().sum() > 0
-
-
-def test_official_cosine_schedule():
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched, lrs = cosine_per_epoch(opt, 5), []
-    for _ in range(5):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[0] == 1.0 and abs(lrs[-1] - 0.0157) < 1e-3  # cos(99π/200)
 
 
 # ----------------------------------------------------------------- memory
@@ -218,6 +229,23 @@ def test_dual_memory_bounded_by_half_and_monotone_in_remove_mode():
     assert not gpm.retain and gpm.basis.shape[1] > d // 2
 
 
+def test_second_moments_are_formed_in_float64():
+    """Each batch's Gram matrix is computed in float64 (a float32 product, summed in float64
+    afterwards, is off by whole units on these large, nearly equal tokens)."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    batches = [1000 + 0.01 * torch.randn(4, 64, 8, generator=g) for _ in range(3)]
+    with subspace.SecondMoments([layer]) as moments:
+        for x in batches:
+            layer(x)
+    exact = sum(x.reshape(-1, 8).double().T @ x.reshape(-1, 8).double() for x in batches)
+    float32 = sum((x.reshape(-1, 8).T @ x.reshape(-1, 8)).double() for x in batches)
+    assert moments.counts == [3 * 4 * 64]
+    torch.testing.assert_close(moments.sums[0], exact, rtol=1e-14, atol=0)
+    assert (float32 - exact).abs().max() > 1.0
+    torch.testing.assert_close(moments.matrices()[0], exact / (3 * 4 * 64), rtol=1e-14, atol=0)
+
+
 def test_strategy_records_schedule_and_bounded_bases(two_tasks):
     info = two_tasks.task_info()
     assert abs(info["threshold"] - subspace.threshold(0.95, 1.0, 1, 5)) < 1e-12
@@ -235,14 +263,16 @@ def test_merged_inference_equals_branch_sum():
             adapter.start_task(torch.randn(4, DIM))
             adapter.up_k.normal_()
             adapter.up_v.normal_()
-            branch_sum = adapter.train()(x)
-            merged = adapter.eval()(x)
-            torch.testing.assert_close(merged, branch_sum, atol=1e-5, rtol=1e-5)
+            branch_sum = adapter(x)
+            assert not adapter.merged
+            merged_y = merged_out(adapter, x)
+            torch.testing.assert_close(merged_y, branch_sum, atol=1e-5, rtol=1e-5)
             explicit = qkv(x) + torch.cat([torch.zeros(2, 5, DIM),
                                            adapter.slice_delta(x, "k"), adapter.slice_delta(x, "v")], -1)
-            torch.testing.assert_close(merged, explicit, atol=1e-5, rtol=1e-5)
-            adapter.fold()
-            torch.testing.assert_close(adapter.train()(x), branch_sum, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(merged_y, explicit, atol=1e-5, rtol=1e-5)
+            adapter.fold()  # the folded delta is seen at once: no cache to go stale
+            torch.testing.assert_close(adapter(x), branch_sum, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(merged_out(adapter, x), branch_sum, atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_restores_model_and_memory(two_tasks, stream):
@@ -258,32 +288,104 @@ def test_checkpoint_restores_model_and_memory(two_tasks, stream):
 
 
 # ----------------------------------------------------------------- InfLoRA+CA
-def test_classifier_alignment_statistics_and_head_retraining(stream):
-    from clbench.methods.inflora_ca import InfLoRACA
-
-    torch.manual_seed(0)
-    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=DIM, depth=2, num_heads=3,
-                            num_classes=0)
-    config = dataclasses.replace(InfLoRACA.Config(),
-                                 **{**InfLoRACA.defaults_for("digits", 5), "epochs": 1})
-    s = InfLoRACA(model=CLModel(vit, DIM), config=config, device="cpu")
+def test_classifier_alignment_statistics_equal_a_direct_computation(stream):
+    s = make(stream, cls=InfLoRACA, epochs=1)
     s.train(stream.train[0])
-    # statistics: the mean of each class's features under the trained network
     data = stream.train[0].dataset
     images = torch.stack([data[i][0] for i in range(len(data))])
     labels = torch.tensor([data[i][1] for i in range(len(data))])
-    s.model.eval()
-    with torch.no_grad():
-        feats = s.model.features(images).double()
+    feats = features_of(s, images).double()
     for c in range(2):
-        torch.testing.assert_close(s.class_means[c], feats[labels == c].mean(0), atol=1e-4,
-                                   rtol=1e-4)
-        expected_cov = torch.cov(feats[labels == c].T) + config.cov_ridge * torch.eye(DIM)
-        torch.testing.assert_close(s.class_covs[c], expected_cov.float(), atol=1e-4, rtol=1e-3)
-    assert s.class_task == [0, 0]
-    # alignment: Gaussians around separated means → the retrained head separates them all
+        torch.testing.assert_close(s.class_means[c], feats[labels == c].mean(0), atol=1e-5, rtol=1e-5)
+        expected_cov = torch.cov(feats[labels == c].T) + s.config.cov_ridge * torch.eye(DIM)  # unbiased
+        torch.testing.assert_close(s.class_covs[c], expected_cov.float(), atol=1e-5, rtol=1e-4)
+    assert s.class_task == [0, 0] and s.task_info()["aligned_classes"] == 0  # no CA after task 0
+
+
+def official_alignment(fc, means, covs, class_task, task, task_sizes, cfg):
+    """``_stage2_compact_classifier`` of the official methods/inflora_ca.py, rewritten: per epoch
+    ``ca_samples`` features per class from N(μ_c·(0.9 + (τ_c+1)/(t+1)·0.1), Σ_c), one CPU shuffle,
+    as many batches of ``ca_samples`` as classes, logits divided by the mean over tasks of each
+    task's logit L2 norm (+1e-7) and by the temperature, SGD(lr, momentum 0.9, wd) on the whole
+    head, CosineAnnealingLR over the CA epochs."""
+    from torch.distributions import MultivariateNormal
+
+    opt = torch.optim.SGD(fc.parameters(), lr=cfg.ca_lr, momentum=0.9, weight_decay=cfg.ca_weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.ca_epochs)
+    n, k = len(means), cfg.ca_samples
+    for _ in range(cfg.ca_epochs):
+        data, label = [], []
+        for c in range(n):
+            decay = (class_task[c] + 1) / (task + 1) * 0.1
+            mean = torch.tensor(means[c].numpy(), dtype=torch.float64) * (0.9 + decay)
+            data.append(MultivariateNormal(mean.float(), covs[c].float()).sample(sample_shape=(k,)))
+            label.extend([c] * k)
+        x, y = torch.cat(data).float(), torch.tensor(label).long()
+        order = torch.randperm(x.size(0))
+        x, y = x[order], y[order]
+        for it in range(n):
+            logits = fc(x[it * k:(it + 1) * k])
+            if cfg.ca_temperature:
+                norms, start = [], 0
+                for size in task_sizes:
+                    norms.append(torch.norm(logits[:, start:start + size], p=2, dim=-1, keepdim=True) + 1e-7)
+                    start += size
+                norms = torch.cat(norms, dim=-1).mean(dim=-1, keepdim=True)
+                logits = torch.div(logits[:, :n], norms) / cfg.ca_temperature
+            loss = F.cross_entropy(logits, y[it * k:(it + 1) * k])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.0])
+def test_classifier_alignment_matches_the_official_stage(stream, monkeypatch, temperature):
+    """Three tasks of 2 classes: the head after CA equals the official stage's on the same
+    statistics and random stream; CA draws exactly ca_samples per class and epoch and changes
+    nothing but the head; the logit normalisation is applied (0 turns it off, differently)."""
+    from torch.distributions import MultivariateNormal
+
+    s = make(stream, cls=InfLoRACA, ca_samples=16, ca_epochs=3, ca_temperature=temperature)
+    g = torch.Generator().manual_seed(3)
+    s.task = 2
+    s.model.head.grow(6)
+    with torch.no_grad():
+        s.model.head.fc.weight.normal_(generator=g)
+        s.model.head.fc.bias.normal_(generator=g)
+    s.class_means = 2 * torch.randn(6, DIM, dtype=torch.float64, generator=g)
+    a = torch.randn(6, DIM, DIM, generator=g)
+    s.class_covs = a @ a.transpose(1, 2) / DIM + 0.1 * torch.eye(DIM)
+    s.class_task = [0, 0, 1, 1, 2, 2]
+    start_fc = {k: v.clone() for k, v in s.model.head.fc.state_dict().items()}
+    backbone = {k: v.clone() for k, v in s.model.backbone.state_dict().items()}
+    shapes, real_sample = [], MultivariateNormal.sample
+    monkeypatch.setattr(MultivariateNormal, "sample",
+                        lambda self, sample_shape=torch.Size(): shapes.append(tuple(sample_shape))
+                        or real_sample(self, sample_shape))
+    torch.manual_seed(11)
+    s.align_classifier(task=2)
+    assert shapes == [(16,)] * 6 * 3
+    reference = torch.nn.Linear(DIM, 6)
+    reference.load_state_dict(start_fc)
+    torch.manual_seed(11)
+    official_alignment(reference, s.class_means, s.class_covs, s.class_task, 2, [2, 2, 2], s.config)
+    torch.testing.assert_close(s.model.head.fc.weight, reference.weight, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s.model.head.fc.bias, reference.bias, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(s.model.head.fc.weight, start_fc["weight"])
+    assert all(torch.equal(v, backbone[k]) for k, v in s.model.backbone.state_dict().items())
+    other = torch.nn.Linear(DIM, 6)  # the other normalisation setting lands elsewhere
+    other.load_state_dict(start_fc)
+    torch.manual_seed(11)
+    official_alignment(other, s.class_means, s.class_covs, s.class_task, 2, [2, 2, 2],
+                       s.Config(ca_samples=16, ca_epochs=3, ca_temperature=0.1 - temperature))
+    assert not torch.allclose(other.weight, reference.weight, atol=1e-3)
+
+
+def test_classifier_alignment_separates_replayed_classes(stream):
+    s = make(stream, cls=InfLoRACA)
     s.task = 1
-    s.model.head.grow(2)
+    s.model.head.grow(4)
     s.class_means = 8 * torch.eye(4, DIM, dtype=torch.float64)
     s.class_covs = 0.1 * torch.eye(DIM).repeat(4, 1, 1)
     s.class_task = [0, 0, 1, 1]
@@ -291,3 +393,30 @@ def test_classifier_alignment_statistics_and_head_retraining(stream):
     with torch.no_grad():
         predicted = s.model.head(s.class_means.float()).argmax(1)
     assert predicted.tolist() == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------- options
+def test_option_checks_are_usage_errors_before_training():
+    for bad in (dict(optimizer="rmsprop"), dict(schedule="linear"), dict(memory="dualgpm"),
+                dict(rank=0), dict(lambda_b=0.0), dict(lambda_b=0.99, lambda_e=0.9),
+                dict(head_lr=0.0), dict(weight_decay=-1.0)):
+        with pytest.raises(UsageError):
+            InfLoRA.Config(**bad)
+        with pytest.raises(UsageError):
+            InfLoRACA.Config(**bad)
+    for bad in (dict(ca_samples=0), dict(ca_lr=0.0), dict(ca_temperature=-0.1), dict(cov_ridge=0.0)):
+        with pytest.raises(UsageError):
+            InfLoRACA.Config(**bad)
+    context = RunContext.for_backbone(tiny_vit(dim=DIM))
+    InfLoRA.validate(InfLoRA.Config(rank=DIM), context)
+    with pytest.raises(UsageError, match="rank"):
+        InfLoRA.validate(InfLoRA.Config(rank=DIM + 1), context)
+    assert InfLoRA.Config.lr_scaled_fields == ("head_lr",)
+    assert InfLoRACA.Config.lr_scaled_fields == ("head_lr", "ca_lr")
+
+
+def test_threshold_uses_the_run_context_task_count(stream):
+    s = make(stream)
+    s.context = RunContext.for_backbone(s.model.backbone, n_tasks=10)
+    s.train(stream.train[0])
+    assert s.task_info()["threshold"] == subspace.threshold(0.95, 1.0, 0, 10)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import math
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from clbench.methods.l2p import (L2P, L2PPlusPlus, PromptPool, pull_loss,  # noq
                                  select_prompts)
 from clbench.context import RunContext  # noqa: E402
 from clbench.errors import UsageError  # noqa: E402
-from clbench.strategy import cosine_per_epoch  # noqa: E402
 from clbench.streams import build_stream  # noqa: E402
 from helpers import build  # noqa: E402
 
@@ -144,18 +142,6 @@ def test_validate_refuses_options_that_do_not_fit_the_run(cls, config):
 def test_field_checks_are_usage_errors(cls, config):
     with pytest.raises(UsageError):
         cls.Config(**config)
-
-
-def test_cosine_per_epoch_is_the_official_formula():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = cosine_per_epoch(opt, 5)
-    lrs = []
-    for _ in range(5):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([math.cos(99 * math.pi * e / (200 * 4)) for e in range(5)])
-    assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(0.0157, abs=1e-3)
 
 
 # ------------------------------------------------------------------ ViT-B/16 shapes

@@ -10,29 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
+from helpers import DIM, build, tensor_stream, tiny_vit
 from timm.models.vision_transformer import VisionTransformer
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
 from clbench import runner
-from clbench.adapters import QKVAdapter
-from clbench.benchmark import SplitData
+from clbench.adapters import QKVAdapter, merged
+from clbench.context import RunContext
+from clbench.errors import UsageError
 from clbench.hparams import parse_override
 from clbench.registry import METHODS
-from clbench.sdlora_adapter import DecoupledLoRA, least_squares_fit
-from clbench.streams import build_stream
+from clbench.methods.sdlora.adapter import DecoupledLoRA, least_squares_fit
 from clbench.strategy import CLModel
 
 SDLoRA, SDLoRARR, SDLoRAKD = (METHODS.get(n) for n in ("sdlora", "sdlora-rr", "sdlora-kd"))
 from clbench.methods.sdlora import rank_for_task  # noqa: E402  (after registry discovery)
-
-DIM = 24
-
-
-def tiny_vit(img=16, dim=DIM, depth=2, heads=3):
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=img, patch_size=4, embed_dim=dim, depth=depth,
-                             num_heads=heads, num_classes=0).eval()
 
 
 def lora_model(depth=2):
@@ -48,35 +40,6 @@ def train_pair(lora, generator, scale=0.3):
     lora.magnitudes.alpha.data.copy_(0.5 + torch.rand(lora.n_tasks, generator=generator))
 
 
-class Images(Dataset):
-    def __init__(self, x, y):
-        self.x, self.targets = x, y.tolist()
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.x[i], self.targets[i]
-
-
-def tensor_stream(n_classes, n_tasks, train_per_class, img=16, seed=0):
-    """Random images whose class shifts the mean, so a few steps learn something."""
-    g = torch.Generator().manual_seed(seed)
-
-    def make(per_class):
-        y = torch.arange(n_classes).repeat_interleave(per_class)
-        x = torch.rand(len(y), 3, img, img, generator=g) * 0.5 + (y.float() / n_classes).view(-1, 1, 1, 1)
-        return Images(x, y)
-
-    split = SplitData(make(train_per_class), make(2), {})
-    return build_stream(split, list(range(n_classes)), n_tasks)
-
-
-def build(cls, vit, plugins=(), **config):
-    model = CLModel(vit, vit.num_features)
-    return cls(model=model, config=cls.Config(**config), plugins=list(plugins), seed=0)
-
-
 # ------------------------------------------------------------------ 1. zero-init identity
 def test_zero_init_identity_with_frozen_backbone():
     frozen = tiny_vit()  # the same seeded weights, no adapters
@@ -87,6 +50,8 @@ def test_zero_init_identity_with_frozen_backbone():
     for train in (True, False):
         model.train(train)
         assert torch.equal(model.features(x), frozen(x))
+        with torch.no_grad(), merged(model):
+            assert torch.equal(model.features(x), frozen(x))
 
 
 # ------------------------------------------------------------------ integration run: 2, 3, 4, 6
@@ -113,7 +78,7 @@ def trained():
     probe = Probe()
     vit = tiny_vit()
     pretrained = {k: v.clone() for k, v in vit.state_dict().items()}
-    strategy = build(SDLoRA, vit, [probe], epochs=2, lr=0.05, batch_size=8, ranks=[4])
+    strategy = build(SDLoRA, vit, [probe], n_tasks=3, epochs=2, lr=0.05, batch_size=8, ranks=[4])
     counts = []
     for t in range(3):
         strategy.train(stream.train[t])
@@ -165,6 +130,69 @@ def test_old_head_rows_unchanged(trained):
         assert torch.equal(after["head.fc.weight"][:rows], before["head.fc.weight"])
         assert torch.equal(after["head.fc.bias"][:rows], before["head.fc.bias"])
         assert not torch.equal(after["head.fc.weight"][rows:], torch.zeros_like(after["head.fc.weight"][rows:]))
+
+
+def test_lora_pairs_and_magnitudes_actually_train(trained):
+    """Fails when LoRA never trains: every stored B (zero-initialised) moved, every magnitude
+    left its 0.8 start, and the adapted features differ from the frozen backbone's."""
+    strategy, probe, pretrained, _ = trained
+    for s in strategy.lora.slices():
+        assert [t for t, _ in s.components()] == [0, 1, 2]
+        for _, cols in s.spans():
+            assert s.B[:, cols].abs().max() > 1e-7  # zero-initialised: exactly 0 if untrained
+    alpha = strategy.lora.magnitudes.alpha.detach()
+    assert alpha.numel() == 3 and (alpha - 0.8).abs().min() > 1e-5, alpha
+    frozen = tiny_vit()
+    frozen.load_state_dict(pretrained)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), merged(strategy.model):
+        change = (strategy.model.features(x) - frozen(x)).norm() / frozen(x).norm()
+    assert change > 1e-3
+
+
+def test_merge_is_an_explicit_state():
+    """eval() merges nothing; merge() snapshots W + ΔW (bit-identical to merged_weight), the
+    forward then runs on it, W0 stays untouched, training while merged is refused, and
+    unmerge() returns to the unmerged path."""
+    model, lora = lora_model()
+    lora.begin_task(0, 3, "factor_product", reset_magnitudes=True, init=0.8)
+    train_pair(lora, torch.Generator().manual_seed(8))
+    model.eval()
+    adapters = lora.adapters
+    assert not any(a.merged for a in adapters)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        unmerged = model.features(x)
+    w0 = [a.qkv.weight.clone() for a in adapters]
+    with torch.no_grad(), merged(model) as m:
+        assert m is model and all(a.merged for a in adapters)
+        assert all(torch.equal(a._merged_weight, a.merged_weight()) for a in adapters)
+        torch.testing.assert_close(model.features(x), unmerged, atol=1e-5, rtol=1e-5)
+    assert not any(a.merged for a in adapters)
+    assert all(torch.equal(a.qkv.weight, w) for a, w in zip(adapters, w0))
+    adapters[0].merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        model.features(x)  # grad enabled, trainable pair: merged training is an error
+    with merged(model):  # already merged by the caller: stays merged afterwards
+        pass
+    assert adapters[0].merged and not adapters[1].merged
+    adapters[0].unmerge()
+    torch.testing.assert_close(model.features(x).detach(), unmerged)
+
+
+def test_option_checks_are_usage_errors_before_training():
+    for bad in (dict(mode="exact"), dict(ranks=[0]), dict(rank_milestones=[3, 1], ranks=[4, 3, 2]),
+                dict(lr_milestones=[5, 2]), dict(lr_decay=0.0), dict(first_task_lr=-1.0),
+                dict(kd_threshold=-1e-3)):
+        with pytest.raises(UsageError):
+            SDLoRA.Config(**bad)
+    context = RunContext.for_backbone(tiny_vit())
+    SDLoRA.validate(SDLoRA.Config(ranks=[DIM]), context)
+    with pytest.raises(UsageError, match="ranks"):
+        SDLoRARR.validate(SDLoRARR.Config(ranks=[DIM + 1, 4, 2]), context)
+    # the --lr budget contract: the first task's own lr scales with lr
+    assert SDLoRA.Config.lr_scaled_fields == ("first_task_lr",)
+    assert "first_task_lr" in {f.name for f in __import__("dataclasses").fields(SDLoRA.Config)}
 
 
 def test_normalisation_mode_pinned_and_magnitudes_reset(trained):
@@ -251,11 +279,15 @@ def test_merged_weight_equivalence_q_v_and_k_untouched():
             row = {"q": 0, "v": 2}[target] * DIM
             w[row:row + DIM] += delta
         expected = F.linear(x, w, adapter.qkv.bias)
-        adapter.train()
-        assert torch.allclose(adapter(x), expected, atol=1e-5)
-        assert torch.allclose(QKVAdapter.forward(adapter, x), expected, atol=1e-5)  # low-rank path
-        adapter.eval()
-        assert torch.allclose(adapter(x), expected, atol=1e-5)
+        assert not adapter.merged
+        assert torch.allclose(adapter(x), expected, atol=1e-5)  # fused training path
+        assert torch.allclose(QKVAdapter.unmerged_forward(adapter, x), expected, atol=1e-5)  # low-rank
+        pretrained = adapter.qkv.weight.clone()
+        adapter.merge()
+        with torch.no_grad():
+            assert adapter.merged and torch.allclose(adapter(x), expected, atol=1e-5)
+        adapter.unmerge()
+        assert torch.equal(adapter.qkv.weight, pretrained)  # merging never touches W0
         assert torch.equal(adapter.merged_weight()[DIM:2 * DIM], adapter.qkv.weight[DIM:2 * DIM])
 
 
@@ -274,9 +306,33 @@ def test_fast_training_step_matches_low_rank_autograd():
     params = [x, lora.magnitudes.alpha] + [p for s in adapter.slices.values() for p in (s.A_cur, s.B_cur)]
     upstream = torch.randn(2, 5, 3 * DIM, generator=g)
     fast = torch.autograd.grad(adapter(x), params, upstream)
-    slow = torch.autograd.grad(QKVAdapter.forward(adapter, x), params, upstream)
+    slow = torch.autograd.grad(QKVAdapter.unmerged_forward(adapter, x), params, upstream)
     for a, b in zip(fast, slow):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fast_training_step_under_bf16_autocast():
+    """The fused step runs under autocast (training precision bf16): gradients keep the
+    parameters' dtype and agree with the fp32 ones to bf16 accuracy."""
+    _, lora = lora_model()
+    g = torch.Generator().manual_seed(3)
+    for t in range(2):
+        lora.begin_task(t, 3, "factor_product", reset_magnitudes=True, init=0.8)
+        train_pair(lora, g)
+        if t < 1:
+            lora.end_task(None, "factor_product")
+    adapter = lora.adapters[0]
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    params = [x, lora.magnitudes.alpha] + [p for s in adapter.slices.values() for p in (s.A_cur, s.B_cur)]
+    upstream = torch.randn(2, 5, 3 * DIM, generator=g)
+    exact = torch.autograd.grad(adapter(x), params, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(x)
+    assert out.dtype == torch.bfloat16
+    low = torch.autograd.grad(out, params, upstream.bfloat16())
+    for p, a, b in zip(params, exact, low):
+        assert b.dtype == p.dtype
+        assert (a - b).norm() <= 0.05 * a.norm()
 
 
 # ------------------------------------------------------------------ 7. magnitude sharing
@@ -303,8 +359,9 @@ def test_one_magnitude_per_task_shared_by_every_slice():
 def test_parameter_counts_vit_b16_shapes():
     import timm
 
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-    model = CLModel(vit, 768)
+    with torch.device("meta"):  # shapes only: skip ViT-B's weight init (seconds)
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    model = CLModel(vit.to_empty(device="cpu"), 768)
     model.backbone.requires_grad_(False)
     lora = DecoupledLoRA(model)
     for task, rank, expected in ((0, 10, 368_640), (1, 8, 294_912), (2, 6, 221_184)):
@@ -380,10 +437,12 @@ def test_kd_absorbs_exact_combination_and_rejects_random_direction():
 def test_twenty_five_tasks():
     stream = tensor_stream(n_classes=50, n_tasks=25, train_per_class=2, img=8)
     vit = VisionTransformer(img_size=8, patch_size=4, embed_dim=12, depth=1, num_heads=2, num_classes=0)
-    strategy = build(SDLoRA, vit, epochs=1, lr=0.01, batch_size=8, eval_batch_size=64, ranks=[2])
+    strategy = build(SDLoRA, vit, n_tasks=25, epochs=1, lr=0.01, batch_size=8, eval_batch_size=64,
+                     ranks=[2])
     for t in range(25):
         strategy.train(stream.train[t])
-    correct, total = strategy.evaluate_counts(stream.test[:25])
+    with merged(strategy.model):
+        correct, total = strategy.evaluate_counts(stream.test[:25])
     assert len(correct) == 25 and sum(total) == 100
     assert strategy.lora.magnitudes.alpha.numel() == 25
     for s in strategy.lora.slices():
@@ -401,6 +460,7 @@ def _results(run_dir, method):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_resume_mid_run_gives_identical_results(tmp_path, monkeypatch, tiny_checkpoint):
     overrides = ["sdlora-rr.rank_milestones=[1,2]", "sdlora-rr.ranks=[4,3,2]"]
     plan = lambda name: runner.RunPlan(run_dir=str(tmp_path / name), methods=["sdlora-rr"],  # noqa: E731
@@ -430,10 +490,24 @@ def test_resume_mid_run_gives_identical_results(tmp_path, monkeypatch, tiny_chec
         assert torch.equal(value, ckpt[1]["model"][key]), key
 
 
-def test_sdlora_forgets_less_than_finetune_on_digits(tmp_path):
-    plan = runner.RunPlan(run_dir=str(tmp_path / "r"), methods=["sdlora", "finetune"], epochs=2)
+@pytest.mark.slow
+def test_sdlora_trains_and_forgets_less_than_finetune_on_digits(tmp_path):
+    """End to end on digits (2 epochs, seed 1993). Beating finetune alone would also hold for a
+    LoRA that never trains (a frozen backbone forgets less), so: SD-LoRA must beat the frozen
+    linear probe too, and its checkpoint must hold trained pairs and moved magnitudes."""
+    plan = runner.RunPlan(run_dir=str(tmp_path / "r"), methods=["sdlora", "finetune", "linear-probe"],
+                          epochs=2)
     runner.run(plan, log=lambda *_: None)
-    sdlora, finetune = _results(tmp_path / "r", "sdlora"), _results(tmp_path / "r", "finetune")
+    sdlora, finetune, probe = (_results(tmp_path / "r", m) for m in ("sdlora", "finetune", "linear-probe"))
     assert sdlora["forward_passes_per_image"] == 1
     assert sdlora["metrics"]["forgetting"] < finetune["metrics"]["forgetting"]
     assert sdlora["metrics"]["final_acc"] > finetune["metrics"]["final_acc"]
+    assert sdlora["metrics"]["final_acc"] > probe["metrics"]["final_acc"]
+    for task, info in enumerate(sdlora["method_info"]):
+        assert len(info["magnitudes"]) == task + 1
+        assert all(abs(a - 0.8) > 1e-4 for a in info["magnitudes"]), info  # trained from 0.8
+    ckpt = torch.load(tmp_path / "r/digits-5tasks/sdlora/seed-1993/checkpoint.pt", weights_only=True)
+    stored_B = [v for k, v in ckpt["model"].items() if k.endswith(".B") and ".slices." in k]
+    assert stored_B and all(b.shape[1] == 5 * 10 for b in stored_B)
+    for b in stored_B:  # every task's zero-initialised B moved in every slice
+        assert all(b[:, 10 * t:10 * (t + 1)].abs().max() > 1e-4 for t in range(5))

@@ -10,7 +10,7 @@ from torch import nn
 
 def adapter_class():
     """SD-LoRA's adapter. The one place perf names the module that holds it."""
-    from clbench.sdlora_adapter import DecoupledLoRA
+    from clbench.methods.sdlora.adapter import DecoupledLoRA
 
     return DecoupledLoRA
 
@@ -66,6 +66,6 @@ class State:
         for adapter, slices in zip(adapters, self.slices):
             adapter.slices = slices
             object.__setattr__(adapter, "magnitudes", self.magnitudes)
-            adapter.invalidate()
+            adapter.unmerge()  # a swapped-in state must not use a stale merged weight
         model.head = self.head
         model.known = self.known

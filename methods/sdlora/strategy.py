@@ -6,7 +6,7 @@ pairs freeze as *directions* and only their *magnitudes* keep learning:
     W_q = W0_q + Σ_{k<t} α_k·B_k A_k / norm_k + α_t·B_t A_t        (same for v; k, proj, MLP frozen)
 
 with one scalar α_k per task shared by all blocks and by q and v. Mechanics (stacked buffers,
-merged-weight training step and inference) live in ``clbench/sdlora_adapter.py``.
+merged-weight training step and inference) live in ``adapter.py`` next to this file.
 
 Two modes (``mode``):
 
@@ -48,14 +48,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
+from clbench.methods.sdlora.adapter import DecoupledLoRA
 from clbench.registry import register_method
-from clbench.sdlora_adapter import DecoupledLoRA
 from clbench.strategy import CLStrategy
 
 MODES = ("official", "paper")
@@ -77,6 +77,7 @@ DIGITS = {"official": dict(epochs=5, lr=0.01, batch_size=32),
 
 @dataclass
 class SDLoRAConfig(TrainConfig):
+    lr_scaled_fields: ClassVar[tuple[str, ...]] = ("first_task_lr",)  # --lr scales it like lr
     epochs: int = 20
     lr: float = 0.01
     batch_size: int = 128
@@ -97,6 +98,13 @@ class SDLoRAConfig(TrainConfig):
                              f"rank_milestones {self.rank_milestones} (len(ranks) = len(milestones) + 1)")
         if list(self.rank_milestones) != sorted(set(self.rank_milestones)):
             raise UsageError(f"rank_milestones must increase, got {self.rank_milestones}")
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or self.lr_decay <= 0:
+            raise UsageError(f"lr_milestones must increase and lr_decay be positive, got "
+                             f"{self.lr_milestones} and {self.lr_decay}")
+        if self.first_task_lr is not None and self.first_task_lr <= 0:
+            raise UsageError(f"first_task_lr must be positive (or None: same as lr), got {self.first_task_lr}")
+        if self.kd_threshold is not None and self.kd_threshold < 0:
+            raise UsageError(f"kd_threshold must be non-negative (or None: no absorption), got {self.kd_threshold}")
 
 
 def rank_for_task(config: SDLoRAConfig, task: int) -> int:
@@ -133,6 +141,12 @@ class SDLoRA(CLStrategy):
             return {"epochs": PAPER_EPOCHS.get(benchmark, 20), "lr": 0.008, "batch_size": 128,
                     "init_magnitude": 1.0}
         return {"batch_size": 128, "init_magnitude": 0.8, **OFFICIAL_SCHEDULES.get(benchmark, {})}
+
+    @classmethod
+    def validate(cls, config, context) -> None:
+        if context.embed_dim and max(config.ranks) > context.embed_dim:
+            raise UsageError(f"{cls.registered_name} ranks {config.ranks} exceed the backbone's "
+                             f"width {context.embed_dim}: lower --set {cls.registered_name}.ranks")
 
     # -- setup
     @property

@@ -17,8 +17,8 @@ index, norm coefficient and offset, all fixed within a task. A training step the
 gather of ``α`` and one stacked product, whatever the number of tasks: ``_MergedLowRank`` folds
 the scaled stack into the qkv weight (one (d,Σr)·(Σr,d) product) so the forward is a single
 ``F.linear``, and its backward computes the magnitude and current-factor gradients from two
-(N,d)·(d,Σr) products instead of autograd's dense weight gradient. Eval mode uses
-``QKVAdapter``'s cached merged weight: inference costs exactly one plain backbone forward.
+(N,d)·(d,Σr) products instead of autograd's dense weight gradient. For evaluation the core calls
+``merge()`` (``QKVAdapter``): inference then costs exactly one plain backbone forward.
 """
 from __future__ import annotations
 
@@ -61,15 +61,19 @@ class _MergedLowRank(torch.autograd.Function):
     columns (the current component) need factor gradients. Gradients: x through the merged weight
     (what the frozen layer costs anyway); c_j = Σ_tokens (g B)_j (x Aᵀ)_j; current A and B from
     the same two (N, R) products. ``meta`` holds (row_start, n_train) per target.
+
+    Under autocast the merged weight is still summed in the weights' dtype; the token products
+    run in the incoming gradient's dtype (bf16), and every returned gradient has its input's dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, meta, *factors):
         merged = weight.detach().clone()
         dim = weight.shape[1]
-        for (start, _), i in zip(meta, range(0, len(factors), 3)):
-            A, B, c = factors[i:i + 3]
-            merged[start:start + dim].addmm_(B * c, A)
+        with torch.autocast(x.device.type, enabled=False):
+            for (start, _), i in zip(meta, range(0, len(factors), 3)):
+                A, B, c = factors[i:i + 3]
+                merged[start:start + dim].addmm_(B * c, A)
         ctx.meta = meta
         ctx.save_for_backward(x, merged, *factors)
         return F.linear(x, merged, bias)
@@ -78,8 +82,9 @@ class _MergedLowRank(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, merged, *factors = ctx.saved_tensors
         dim = merged.shape[1]
-        grad_x = grad_out @ merged if ctx.needs_input_grad[0] else None
-        x2 = x.reshape(-1, dim)
+        low = grad_out.dtype  # bf16 under autocast; otherwise the weights' dtype (no casts)
+        grad_x = (grad_out @ merged.to(low)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        x2 = x.reshape(-1, dim).to(low)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grads = []
         for k, ((start, n_train), i) in enumerate(zip(ctx.meta, range(0, len(factors), 3))):
@@ -89,17 +94,17 @@ class _MergedLowRank(torch.autograd.Function):
                 grads += [None, None, None]
                 continue
             g = g2[:, start:start + dim]
-            gB = g @ B                      # (N, R)
-            xA = x2 @ A.T                   # (N, R)
+            gB = (g @ B.to(low)).to(c.dtype)        # (N, R)
+            xA = (x2 @ A.to(low).T).to(c.dtype)     # (N, R)
             grad_c = (gB * xA).sum(0) if need_c else None
             grad_A = grad_B = None
             if n_train and need_A:
                 grad_A = torch.zeros_like(A)
-                grad_A[-n_train:] = (gB[:, -n_train:] * c[-n_train:]).T @ x2
+                grad_A[-n_train:] = ((gB[:, -n_train:] * c[-n_train:]).T.to(low) @ x2).to(A.dtype)
             if n_train and need_B:
                 grad_B = torch.zeros_like(B)
                 # (yᵀg)ᵀ, not gᵀy: BLAS is several times faster with the strided g on the right
-                grad_B[:, -n_train:] = ((xA[:, -n_train:] * c[-n_train:]).T @ g).T
+                grad_B[:, -n_train:] = ((xA[:, -n_train:] * c[-n_train:]).T.to(low) @ g).T.to(B.dtype)
             grads += [grad_A, grad_B, grad_c]
         return (grad_x, None, None, None, *grads)
 
@@ -227,16 +232,15 @@ class SDLoRAQKV(QKVAdapter):
         object.__setattr__(self, "magnitudes", magnitudes)
 
     def slice_delta(self, x, target):
-        """Low-rank reference path (x Aᵀ)(B·c)ᵀ; ``forward`` uses the faster merged path."""
+        """Low-rank reference path (x Aᵀ)(B·c)ᵀ; ``unmerged_forward`` uses the faster fused path."""
         A, B, coef, _ = self.slices[target].factors(self.magnitudes.alpha)
         return F.linear(F.linear(x, A), B * coef) if A.shape[0] else None
 
     def slice_delta_weight(self, target):
         return self.slices[target].delta_weight(self.magnitudes.alpha)
 
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
+    def unmerged_forward(self, x):
+        """W + Σ scaled components folded per call (``_MergedLowRank``): one linear, cheap grads."""
         meta, factors = [], []
         alpha = self.magnitudes.alpha
         for target in self.targets:
@@ -268,10 +272,6 @@ class DecoupledLoRA:
         for adapter in self.adapters:
             yield from adapter.slices.values()
 
-    def invalidate(self) -> None:
-        for adapter in self.adapters:
-            adapter.invalidate()
-
     @property
     def n_tasks(self) -> int:
         return self.magnitudes.alpha.numel()
@@ -289,7 +289,6 @@ class DecoupledLoRA:
         self.magnitudes.set(values)
         for s in self.slices():
             s.start(task, rank)
-        self.invalidate()
 
     @torch.no_grad()
     def end_task(self, kd_threshold: float | None, norm: str) -> dict:
@@ -314,7 +313,6 @@ class DecoupledLoRA:
                     absorbed += 1
                     continue
             s.freeze_current()
-        self.invalidate()
         info = {"kd_absorbed": absorbed, "kd_fitted": len(residuals)}
         if residuals:
             info["kd_residual_min"] = min(residuals)
@@ -333,7 +331,6 @@ class DecoupledLoRA:
             for s, components in zip(adapter.slices.values(), per_slice):
                 s.drop_current()
                 s.allocate(components)
-        self.invalidate()
 
     def stored_directions(self) -> int:
         return sum(len(s.components()) for s in self.slices())

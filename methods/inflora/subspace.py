@@ -148,7 +148,10 @@ class LayerMemory:
 
 class SecondMoments:
     """Context manager: forward pre-hooks on ``modules`` accumulate Σ x xᵀ over every input token
-    (float64, on the activations' device) and the token count — streaming, nothing stored."""
+    and the token count — streaming, nothing stored. Each batch's Gram matrix is formed in
+    float64 (autocast off) on the activations' device, not only summed in float64. (Not
+    ``ClassStatistics``: these are per-token Gram matrices of every adapted layer, kept on the
+    device, with no classes.)"""
 
     def __init__(self, modules: list[nn.Module]):
         self.modules = list(modules)
@@ -159,8 +162,9 @@ class SecondMoments:
     def _hook(self, index: int):
         def record(module, inputs):
             x = inputs[0].detach()
-            flat = x.reshape(-1, x.shape[-1]).float()
-            gram = (flat.T @ flat).double()
+            flat = x.reshape(-1, x.shape[-1]).double()
+            with torch.autocast(flat.device.type, enabled=False):
+                gram = flat.T @ flat
             self.sums[index] = gram if self.sums[index] is None else self.sums[index] + gram
             self.counts[index] += flat.shape[0]
         return record

@@ -12,14 +12,20 @@ Design (``before_task``): one no-grad pass over the task's training data gives e
 uncentred input second moment S_t (all tokens of all images, the qkv input = norm1 output, with
 the current network); S_t is projected out of the stored old-task subspace (left side only),
 and Down_t = (top-r left singular vectors)ᵀ/√3. Memory (``after_task``): a second pass with the
-trained network, then one DualGPM step per layer (``clbench/subspace.py``) with threshold
+trained network, then one DualGPM step per layer (``subspace.py``) with threshold
 ε_t = λ_b + (λ_e − λ_b)·t/T. Both passes happen inside ``strategy.train()``, so they are timed.
 
 Equivalent-math implementation choices: finished branches are folded into one frozen dense delta
 per k/v slice (``old_delta``) instead of kept as T factor pairs, and the training step runs one
-linear with W + old deltas (cached) plus the current low-rank branch, so the per-step cost does
-not grow with the number of tasks; inference is one plain forward with everything merged.
-The per-task heads concatenated at test equal the core's growing head with the current-task loss.
+linear with W + old deltas plus the current low-rank branch, so the per-step cost does not grow
+with the number of tasks; evaluation merges everything (``merge()``, called by the core) into one
+plain forward. The per-task heads concatenated at test equal the core's growing head with the
+current-task loss; the new rows are re-drawn as a default ``nn.Linear`` (U(±1/√D) weight and
+bias), the official heads' initialisation.
+
+Optimisation as the official ``_train``: Adam (or SGD) on the up-projections and the head with
+the official ``CosineSchedule`` as its loop steps it (``clbench/schedules.py``: epoch e trains at
+lr·cos(99π·max(e−1, 0)/(200(K−1))), the first two epochs at the full lr).
 
 Deviations from the official code (also in the README section of the report):
 * DomainNet uses the official ``inflora_domain.py`` path: plain GPM memory ("remove" only, no
@@ -28,8 +34,8 @@ Deviations from the official code (also in the README section of the report):
   (stores the complement, "retain"); the official code mislabels it (never reached with its
   thresholds). In "retain" mode at most as many directions are removed as the complement has.
 * ImageNet-A and CUB-200 have no official config; they use the ImageNet-R one.
-* Second moments are summed in float64 (official: float32 running mean) and the SVDs run in
-  float64 on the activations' device (official: numpy float32); the same quantities.
+* Second moments are formed per batch and summed in float64 (official: float32 running mean)
+  and the SVDs run in float64 on the activations' device (official: float32); the same quantities.
 * Statistics passes iterate the harness' training loader, i.e. its training augmentation, like the
   official code (whose augmentation differs: the harness' transforms are shared by all methods).
 """
@@ -37,18 +43,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from clbench.adapters import SLICE_INDEX, QKVAdapter, install_qkv_adapters
+from clbench.adapters import install_qkv_adapters, merged
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
+from clbench.methods.inflora.adapter import InfLoRAAdapter
+from clbench.methods.inflora.subspace import LayerMemory, SecondMoments, design_down, threshold
 from clbench.registry import register_method
 from clbench.strategy import CLStrategy, cosine_per_epoch
-from clbench.subspace import LayerMemory, SecondMoments, design_down, threshold
 
 DOWN_SCALE = 1 / math.sqrt(3)  # hard-coded in the official code
 
@@ -66,8 +72,13 @@ BENCHMARK_DEFAULTS = {
 }
 
 
+OPTIONS = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "step", "annealing"),
+           "memory": ("dual", "gpm")}
+
+
 @dataclass
 class InfLoRAConfig(TrainConfig):
+    lr_scaled_fields: ClassVar[tuple[str, ...]] = ("head_lr",)  # --lr scales it like lr
     epochs: int = 20
     lr: float = 5e-4
     batch_size: int = 128
@@ -76,7 +87,8 @@ class InfLoRAConfig(TrainConfig):
     lambda_e: float = 1.0             # threshold limit at t = T
     optimizer: str = "adam"           # "adam" (β 0.9/0.999) or "sgd" (momentum 0.9)
     weight_decay: float = 0.0
-    # "cosine": official lr·cos(99πe/(200(K−1))); "step": ×0.1 at step_epoch;
+    # "cosine": official CosineSchedule, epoch e at lr·cos(99π·max(e−1,0)/(200(K−1)));
+    # "step": ×0.1 at step_epoch;
     # "annealing": torch CosineAnnealingLR(T_max=epochs) (official SGD runs of InfLoRA+CA)
     schedule: str = "cosine"
     step_epoch: int = 4
@@ -84,64 +96,20 @@ class InfLoRAConfig(TrainConfig):
     memory: str = "dual"              # "dual" (DualGPM) or "gpm" (remove mode only)
     project: bool = True              # False: ablation, Down_t from the unprojected S_t
 
-
-class InfLoRAAdapter(QKVAdapter):
-    """k/v branches of one block: frozen designed ``down`` (shared), trained ``up_k``/``up_v``,
-    and ``old_delta`` = the folded sum of finished tasks' branches (2 × D × D: k, v)."""
-
-    def __init__(self, qkv: nn.Linear, rank: int):
-        super().__init__(qkv, ("k", "v"))
-        d, kw = self.dim, dict(device=qkv.weight.device, dtype=qkv.weight.dtype)
-        self.register_buffer("down", torch.zeros(rank, d, **kw))
-        self.up_k = nn.Parameter(torch.zeros(d, rank, **kw))
-        self.up_v = nn.Parameter(torch.zeros(d, rank, **kw))
-        self.register_buffer("old_delta", torch.zeros(2, d, d, **kw))
-        self._frozen: torch.Tensor | None = None  # W + old deltas, cached for training steps
-
-    def _up(self, target: str) -> nn.Parameter:
-        return self.up_k if target == "k" else self.up_v
-
-    def slice_delta_weight(self, target: str) -> torch.Tensor:
-        return self.old_delta[SLICE_INDEX[target] - 1] + self._up(target) @ self.down
-
-    def slice_delta(self, x: torch.Tensor, target: str) -> torch.Tensor:
-        old = F.linear(x, self.old_delta[SLICE_INDEX[target] - 1])
-        return old + F.linear(F.linear(x, self.down), self._up(target))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)  # one linear with everything merged
-        if self._frozen is None:
-            frozen = self.qkv.weight.detach().clone()
-            frozen[self.dim:] += self.old_delta.reshape(2 * self.dim, self.dim)
-            self._frozen = frozen
-        q, k, v = F.linear(x, self._frozen, self.qkv.bias).split(self.dim, dim=-1)
-        h = F.linear(x, self.down)
-        return torch.cat([q, k + F.linear(h, self.up_k), v + F.linear(h, self.up_v)], dim=-1)
-
-    def invalidate(self) -> None:
-        super().invalidate()
-        self._frozen = None
-
-    def train(self, mode: bool = True):
-        self._frozen = None
-        return super().train(mode)
-
-    @torch.no_grad()
-    def start_task(self, down: torch.Tensor) -> None:
-        self.down.copy_(down)
-        self.up_k.zero_()
-        self.up_v.zero_()
-        self.invalidate()
-
-    @torch.no_grad()
-    def fold(self) -> None:
-        """Freeze the finished branch into ``old_delta`` (same function, flat cost)."""
-        self.old_delta[0] += self.up_k @ self.down
-        self.old_delta[1] += self.up_v @ self.down
-        self.up_k.zero_()
-        self.up_v.zero_()
-        self.invalidate()
+    def __post_init__(self):
+        for name, options in OPTIONS.items():
+            if getattr(self, name) not in options:
+                raise UsageError(f"inflora {name} must be one of {', '.join(options)}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.rank < 1:
+            raise UsageError(f"inflora rank must be a positive integer, got {self.rank}")
+        if not 0 < self.lambda_b <= self.lambda_e <= 1:
+            raise UsageError(f"inflora thresholds need 0 < lambda_b <= lambda_e <= 1, got "
+                             f"lambda_b={self.lambda_b}, lambda_e={self.lambda_e}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise UsageError(f"inflora head_lr must be positive (or None: same as lr), got {self.head_lr}")
+        if self.weight_decay < 0 or self.step_epoch < 0:
+            raise UsageError("inflora weight_decay and step_epoch must be non-negative")
 
 
 @register_method("inflora", "InfLoRA: k/v LoRA with a designed down-projection orthogonal to "
@@ -154,13 +122,15 @@ class InfLoRA(CLStrategy):
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
         return dict(BENCHMARK_DEFAULTS.get(benchmark, {}))
 
+    @classmethod
+    def validate(cls, config, context) -> None:
+        if context.embed_dim and config.rank > context.embed_dim:
+            raise UsageError(f"{cls.registered_name} rank {config.rank} exceeds the backbone's "
+                             f"width {context.embed_dim}: set --set {cls.registered_name}.rank=<= "
+                             f"{context.embed_dim}")
+
     def prepare_model(self, model) -> None:
         cfg = self.config
-        for name, value, options in (("optimizer", cfg.optimizer, ("adam", "sgd")),
-                                     ("schedule", cfg.schedule, ("cosine", "step", "annealing")),
-                                     ("memory", cfg.memory, ("dual", "gpm"))):
-            if value not in options:
-                raise UsageError(f"inflora.{name} must be one of {options}, got {value!r}")
         super().prepare_model(model)
         self.adapters = install_qkv_adapters(
             model.backbone, lambda index, qkv: InfLoRAAdapter(qkv, cfg.rank))
@@ -170,31 +140,39 @@ class InfLoRA(CLStrategy):
     # ----------------------------------------------------------------- task boundaries
     @torch.no_grad()
     def second_moments(self) -> list[torch.Tensor]:
-        """S per adapted layer over the current task's training loader (current network)."""
+        """S per adapted layer over the current task's training loader (current network; merged
+        for the pass, since it is inference)."""
         was_training = self.model.training
         self.model.eval()
-        with SecondMoments(self.adapters) as moments:
+        with merged(self.model), SecondMoments(self.adapters) as moments:
             for batch in self.dataloader:
                 self.model.features(batch[0].to(self.device))
         self.model.train(was_training)
         return moments.matrices()
 
     def before_task(self, task: int) -> None:
+        self.init_new_head_rows()
         for adapter, memory, s_mat in zip(self.adapters, self.memories, self.second_moments()):
             basis = memory.projection_basis() if self.config.project else None
             down = design_down(s_mat, basis, memory.retain, self.config.rank, DOWN_SCALE)
             adapter.start_task(down.to(adapter.down))
 
+    @torch.no_grad()
+    def init_new_head_rows(self) -> None:
+        """The official per-task heads are default-initialised ``nn.Linear``s (weight and bias
+        U(±1/√D)); the shared head's new rows are re-drawn the same way."""
+        fc, known = self.model.head.fc, self.known_classes
+        fresh = nn.Linear(fc.in_features, fc.out_features - known)
+        fc.weight[known:] = fresh.weight.to(fc.weight)
+        fc.bias[known:] = fresh.bias.to(fc.bias)
+
     def after_task(self, task: int) -> None:
         for adapter in self.adapters:
             adapter.fold()
-        eps = threshold(self.config.lambda_b, self.config.lambda_e, task, self.n_tasks())
+        eps = threshold(self.config.lambda_b, self.config.lambda_e, task, self.context.n_tasks)
         for memory, s_mat in zip(self.memories, self.second_moments()):
             memory.update(s_mat, eps)
         self.last_threshold = eps
-
-    def n_tasks(self) -> int:
-        return len(self.experience.origin_stream)
 
     def task_info(self) -> dict:
         return {"threshold": self.last_threshold,
@@ -247,5 +225,3 @@ class InfLoRA(CLStrategy):
         for memory, saved in zip(self.memories, state["memories"]):
             memory.load(saved)
         self.last_threshold = state.get("last_threshold")
-        for adapter in self.adapters:
-            adapter.invalidate()

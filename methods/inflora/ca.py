@@ -26,13 +26,16 @@ Deviations from the official code:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
+from clbench.adapters import merged
 from clbench.distributed import all_reduce_sum
-from clbench.methods.inflora import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
+from clbench.errors import UsageError
+from clbench.methods.inflora.strategy import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
 from clbench.registry import register_method
 
 # Official configs/mimg10_infloraca.json (InfLoRA_CA) and configs/cifar100_infloraca.json (_CA1).
@@ -52,12 +55,22 @@ CA_DEFAULTS = {
 
 @dataclass
 class InfLoRACAConfig(InfLoRAConfig):
+    lr_scaled_fields: ClassVar[tuple[str, ...]] = ("head_lr", "ca_lr")
     ca_epochs: int = 5
     ca_samples: int = 256            # sampled features per class and epoch (= CA batch size)
     ca_lr: float = 0.01
     ca_weight_decay: float = 5e-4
     ca_temperature: float = 0.1      # logit normalisation; 0 turns it off
     cov_ridge: float = 1e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ca_epochs < 0 or self.ca_samples < 1:
+            raise UsageError(f"inflora-ca needs ca_epochs >= 0 and ca_samples >= 1, got "
+                             f"{self.ca_epochs} and {self.ca_samples}")
+        if self.ca_lr <= 0 or self.ca_weight_decay < 0 or self.ca_temperature < 0 or self.cov_ridge <= 0:
+            raise UsageError("inflora-ca needs ca_lr > 0, cov_ridge > 0, ca_weight_decay >= 0 "
+                             "and ca_temperature >= 0 (0: no logit normalisation)")
 
 
 @register_method("inflora-ca", "InfLoRA + classifier alignment (per-class Gaussian feature "
@@ -87,9 +100,10 @@ class InfLoRACA(InfLoRA):
         was_training = self.model.training
         self.model.eval()
         features, labels = [], []
-        for batch in self.dataloader:
-            features.append(self.model.features(batch[0].to(self.device)).double())
-            labels.append(batch[1].to(self.device))
+        with merged(self.model):  # inference over the task's data
+            for batch in self.dataloader:
+                features.append(self.model.features(batch[0].to(self.device)).double())
+                labels.append(batch[1].to(self.device))
         self.model.train(was_training)
         features, labels = torch.cat(features), torch.cat(labels)
         eye = torch.eye(features.shape[1], dtype=torch.float64, device=self.device)
@@ -107,7 +121,7 @@ class InfLoRACA(InfLoRA):
         self.class_task += [task] * len(means)
 
     def gaussian(self, c: int, task: int) -> MultivariateNormal:
-        shrink = 0.9 + 0.1 * (self.class_task[c] + 1) / (task + 1)
+        shrink = 0.9 + (self.class_task[c] + 1) / (task + 1) * 0.1  # the official order of operations
         mean = (self.class_means[c] * shrink).float().to(self.device)
         cov = self.class_covs[c].to(self.device)
         eye = torch.eye(cov.shape[0], device=self.device)
