@@ -135,7 +135,8 @@ def load_backbone(name: str, checkpoint: str | Path | None = None) -> LoadedBack
         raise UsageError(f"checkpoint {checkpoint} not found: pass an existing .safetensors or .pth file")
     kwargs = dict(pretrained=True, num_classes=0, **spec.model_kwargs)
     if file is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(file), hf_hub_id=None, url=None)
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(file), hf_hub_id=None, url=None,
+                                                custom_load=False)  # a state dict, never .npz
         source = str(file) if checkpoint else "package file"
         try:
             model = timm.create_model(spec.tag, **kwargs)

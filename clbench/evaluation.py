@@ -1,8 +1,8 @@
 """One long-lived loader over the union of a test stream, restricted to the seen experiences.
 
 Evaluating after task t used to build one DataLoader (and its worker processes) per experience;
-here the whole test stream is one dataset with persistent workers, and a mutable batch sampler
-chooses the seen part. Batches stay within one experience, in the experience's own order, so the
+here the whole test stream is one dataset with persistent workers (decoding in small chunks, see
+``clbench.loaders``), and a mutable batch sampler chooses the seen part. Batches stay within one experience, in the experience's own order, so the
 batches are exactly those of per-experience loaders. Each item carries its experience index so
 per-experience counts come from one pass.
 """
@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from clbench import distributed
+from clbench.loaders import Rebatched
 
 
 class _Tagged(Dataset):
@@ -51,9 +52,8 @@ class UnionLoader:
         self.stream = stream
         datasets = [_Tagged(exp.dataset.eval(), i) for i, exp in enumerate(stream)]
         self.sampler = _SeenBatches([len(d) for d in datasets], batch_size)
-        self.loader = torch.utils.data.DataLoader(
-            ConcatDataset(datasets), batch_sampler=self.sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+        self.loader = Rebatched(ConcatDataset(datasets), self.sampler, num_workers,
+                                pin_memory=device.type == "cuda")
 
     def upto(self, n_seen: int):
         """The loader, now covering experiences ``0 .. n_seen-1``."""

@@ -30,7 +30,7 @@ from avalanche.training.templates import SupervisedTemplate  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from clbench import distributed, evaluation, precision  # noqa: E402
+from clbench import distributed, evaluation, loaders, precision  # noqa: E402
 from clbench.context import RunContext  # noqa: E402
 from clbench.errors import Diverged  # noqa: E402
 from clbench.hparams import TrainConfig  # noqa: E402
@@ -208,9 +208,9 @@ class CLStrategy(SupervisedTemplate):
         sampler = distributed.ShardedBatchSampler(
             len(self.adapted_dataset), self.train_mb_size,
             seed=self.seed * 1000 + self.experience.current_experience, drop_last=drop_last)
-        self.dataloader = torch.utils.data.DataLoader(
-            self.adapted_dataset, batch_sampler=sampler, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+        self.dataloader = loaders.Rebatched(
+            self.adapted_dataset, sampler, self.num_workers, pin_memory=self.device.type == "cuda",
+            continuous=True)
 
     def criterion(self):
         if not self.is_training:

@@ -1,0 +1,90 @@
+"""Data loaders that keep every worker busy without changing a single batch.
+
+Two costs dominate a JPEG pipeline between the model's steps: at the start of every epoch the
+workers restart from nothing, and a worker decodes a whole batch (128–256 images) before the
+first one arrives, so few batches mean few busy workers. ``Rebatched`` splits each batch of a
+batch sampler into chunks of ``chunk`` samples for the workers and concatenates them back in
+order, so the model sees exactly the sampler's batches; with ``continuous=True`` one iterator
+runs over epoch after epoch, and the workers prefetch the next epoch while the current one
+trains. Without workers both are plain iteration over the same batches.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+CHUNK = 32  # samples a worker decodes per request
+
+
+class _Chunks(Sampler):
+    """The batches of ``batch_sampler`` cut into chunks; records how many chunks each batch has."""
+
+    def __init__(self, batch_sampler, chunk: int | None, continuous: bool):
+        self.batch_sampler, self.chunk, self.continuous = batch_sampler, chunk, continuous
+        self.pieces: collections.deque[int] = collections.deque()
+
+    def __iter__(self):
+        epochs = itertools.repeat(None) if self.continuous else [None]
+        for _ in epochs:
+            for batch in self.batch_sampler:
+                size = self.chunk or max(len(batch), 1)
+                chunks = [batch[i:i + size] for i in range(0, len(batch), size)] or [batch]
+                self.pieces.append(len(chunks))
+                yield from chunks
+
+
+def _concat(chunks):
+    if len(chunks) == 1:
+        return chunks[0]
+    return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+class Rebatched:
+    """An iterable of the batch sampler's batches (see the module docstring)."""
+
+    def __init__(self, dataset, batch_sampler, num_workers: int, pin_memory: bool,
+                 continuous: bool = False, chunk: int = CHUNK):
+        self.batch_sampler = batch_sampler
+        self.continuous = continuous
+        self.chunks = _Chunks(batch_sampler, chunk if num_workers > 0 else None, continuous)
+        self.loader = DataLoader(dataset, batch_sampler=self.chunks, num_workers=num_workers,
+                                 pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0 and not continuous)
+        self._stream = None
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def _next_batch(self, source):
+        first = next(source)
+        pieces = self.chunks.pieces.popleft()
+        return _concat([first, *(next(source) for _ in range(pieces - 1))])
+
+    def __iter__(self):
+        if not self.continuous:
+            self.chunks.pieces.clear()
+            source = iter(self.loader)
+            while True:
+                try:
+                    yield self._next_batch(source)
+                except StopIteration:
+                    return
+        # One long iterator; each pass is one epoch of it. A pass left early (a method's
+        # statistics loop that breaks) still ends its epoch, so later passes see the batches
+        # a fresh loader per pass would have given.
+        if self._stream is None:
+            self._stream, self._owed = iter(self.loader), 0
+        for _ in range(self._owed):
+            self._next_batch(self._stream)
+        self._owed = len(self)
+        while self._owed:
+            batch = self._next_batch(self._stream)
+            self._owed -= 1
+            yield batch
