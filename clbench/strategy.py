@@ -1,18 +1,25 @@
 """The base class every method subclasses: an Avalanche ``SupervisedTemplate`` with the shared
 class-incremental head, the current-task loss, per-task optimisers and exact evaluation counts.
 
-A method overrides only what differs (see ``methods/finetune.py`` for the smallest example):
+A method overrides only what differs (``methods/finetune.py`` is the smallest example,
+``methods/simplecil.py`` one that learns without gradients):
 
 * ``prepare_model(model)``: model surgery once, before training (adapters, prompts, freezing);
+* ``validate(config, context)`` (class method): checks that need the run, run before any job;
 * ``before_task(task)`` / ``after_task(task)``: work at task boundaries (new LoRA component,
-  subspace statistics, ...); ``self.dataloader`` is the current task's training loader there;
-* ``trainable_parameters()``, ``make_optimizer_for_task()``, ``make_scheduler_for_task()``;
+  subspace or class statistics); ``self.dataloader`` is the current task's training loader there;
+* ``epochs_for_task(task)`` (0: no gradient steps), ``trainable_parameters()``,
+  ``make_optimizer_for_task()``, ``make_scheduler_for_task()``;
 * ``extra_loss()`` for terms beyond the masked cross-entropy; ``forward()`` if inference differs;
-* ``extra_state()`` / ``restore_structure(state)`` so a checkpoint can rebuild grown structures.
+* ``extra_state()`` / ``restore_structure(state)`` so a checkpoint can rebuild grown structures;
+* ``task_info()``: per-task facts recorded in results.json.
 
-The head grows each task (old rows copied) and the training loss uses only the current task's
-logits, the protocol of SD-LoRA, InfLoRA and CODA-Prompt; test-time prediction is the argmax over
-all seen classes, with no task identity.
+``self.context`` holds the run's facts (``clbench.context.RunContext``). The head grows each task
+(old rows copied) and the training loss uses only the current task's logits, the protocol of
+SD-LoRA, InfLoRA and CODA-Prompt; test-time prediction is the argmax over all seen classes, with
+no task identity. The base class's own work happens at Avalanche's public plugin callbacks
+(``CoreHooks``): bf16 autocast, gradient reduction over ranks, the per-epoch schedule, the
+finiteness check; adapters are merged (``merge()``/``unmerge()``) only while evaluating.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  
 from avalanche.core import SupervisedPlugin  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche.training.templates import SupervisedTemplate  # noqa: E402
+from avalanche.training.utils import trigger_plugins  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -244,7 +252,9 @@ class CLStrategy(SupervisedTemplate):
         with merged(self.model), self.precision_context():
             for self.mbatch in loader:
                 self.mbatch = [t.to(self.device, non_blocking=True) for t in self.mbatch]
+                trigger_plugins(self, "before_eval_iteration")  # per-batch plugin callbacks
                 self.mb_output = self.forward()
+                trigger_plugins(self, "after_eval_iteration")
                 hits = (self.mb_output[:, :n_seen].argmax(dim=1) == self.mb_y).long()
                 tasks = self.mbatch[2]
                 correct.index_add_(0, tasks, hits)

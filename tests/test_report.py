@@ -403,6 +403,22 @@ def test_compare_paper_adds_columns(tmp_path):
     assert "paper Acc" not in (plain / "summary.md").read_text()
 
 
+def test_every_table2_method_is_registered_and_compared(tmp_path):
+    """All nine rows of the SD-LoRA paper's Table 2 are methods clbench can run, and an
+    ImageNet-R 10-task report puts a published number beside each."""
+    from clbench.registry import METHODS
+
+    paper = json.loads((Path(report.__file__).parents[1] / "paper_numbers.json").read_text())
+    table2 = sorted(paper["benchmarks"]["imagenet-r"]["10"])
+    assert len(table2) == 9 and set(table2) <= set(METHODS.names())
+    root = tmp_path / "runs"
+    for method in table2:
+        write_results(root, method, 0, [[80.0] * (i + 1) for i in range(10)])
+    out = report.write_report([root], out_dir=tmp_path / "rep", compare_paper=True)
+    df = pd.read_csv(out / "summary.csv").set_index("row")
+    assert df.loc[table2, "paper_final_acc"].notna().all()
+
+
 def test_import_is_light():
     code = ("import sys, clbench.report, clbench.tracking; "
             "heavy = [m for m in ('torch', 'wandb', 'matplotlib', 'pandas') if m in sys.modules]; "

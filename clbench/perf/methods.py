@@ -92,7 +92,7 @@ def measure_method(name: str, backbone, mean, std, shapes: Shapes, device) -> di
         strategy.train(stream.train[0])
         train_wall = time.perf_counter() - began
         strategy.evaluate_counts(stream.test[:1])
-    train = [t for t, _ in timer.train[0][1:]]
+    train = [t for t, _ in timer.train.get(0, [])[1:]]  # none for a method without gradient steps
     evals = [t / n for t, n in timer.eval[0][1:]]
     step, per_image = median(train), median(evals)
     record = {
