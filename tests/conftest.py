@@ -31,3 +31,15 @@ def cli(capsys):
         return code, out, err
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; more only wait at OpenMP barriers on a busy CPU.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

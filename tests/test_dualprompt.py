@@ -15,12 +15,7 @@ from clbench.methods.dualprompt import DualPrompt, DualPromptConfig
 from helpers import build, tensor_stream, tiny_vit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_forward(vit, x, prompt_of_block, head):

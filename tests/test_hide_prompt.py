@@ -17,12 +17,7 @@ from helpers import build, tensor_stream, tiny_vit
 from test_dualprompt import reference_forward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(n_tasks=3, classes=(2, 2, 2), **config):

@@ -23,13 +23,7 @@ from clbench.streams import build_stream  # noqa: E402
 from helpers import build  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; more only wait at OpenMP barriers on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(dim=48, depth=2, seed=0):
