@@ -99,6 +99,12 @@ class CLModel(nn.Module):
         return self.head(self.features(x))
 
 
+def _no_optimizer():
+    """What the template holds while there is nothing to optimise (before the first task, or in
+    a task learnt without gradient steps)."""
+    return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
 class CLStrategy(SupervisedTemplate):
     """Base of all clbench methods. Subclasses set ``Config`` and override the hooks above."""
 
@@ -132,9 +138,8 @@ class CLStrategy(SupervisedTemplate):
         self._pretrained = {name: p.detach().to("cpu", copy=True)
                             for name, p in model.named_parameters() if name.startswith("backbone.")}
         self.prepare_model(model)
-        placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         super().__init__(
-            model=model, optimizer=placeholder, criterion=nn.CrossEntropyLoss(),
+            model=model, optimizer=_no_optimizer(), criterion=nn.CrossEntropyLoss(),
             train_mb_size=config.batch_size, train_epochs=config.epochs,
             eval_mb_size=config.eval_batch_size, device=device,
             plugins=[CoreHooks(), *(plugins or [])],
@@ -206,8 +211,7 @@ class CLStrategy(SupervisedTemplate):
             self.optimizer = self.make_optimizer_for_task(params)
             self.scheduler = self.make_scheduler_for_task(self.optimizer)
         else:  # a task learnt without gradient steps: nothing to optimise
-            self.optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
-            self.scheduler = None
+            self.optimizer, self.scheduler = _no_optimizer(), None
             self.train_epochs = 0
 
     def make_train_dataloader(self, drop_last=False, **kwargs):
