@@ -43,7 +43,6 @@ from clbench.context import RunContext  # noqa: E402
 from clbench.errors import Diverged  # noqa: E402
 from clbench.hparams import TrainConfig  # noqa: E402
 from clbench.adapters import merged  # noqa: E402
-from clbench.schedules import cosine_per_epoch  # noqa: E402,F401  (re-exported for methods)
 
 
 class IncrementalHead(nn.Module):

@@ -54,7 +54,8 @@ from clbench.hparams import TrainConfig
 from clbench.methods.inflora.adapter import InfLoRAAdapter
 from clbench.methods.inflora.subspace import LayerMemory, SecondMoments, design_down, threshold
 from clbench.registry import register_method
-from clbench.strategy import CLStrategy, cosine_per_epoch
+from clbench.schedules import cosine_per_epoch
+from clbench.strategy import CLStrategy
 
 DOWN_SCALE = 1 / math.sqrt(3)  # hard-coded in the official code
 
