@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     run.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None,
                      help="bf16 autocast (default on CUDA), tf32, or fp32 (default on CPU)")
+    run.add_argument("--decoded-cache", action="store_true",
+                     help="decode each image file once into <data>/.decoded/ (disk: w×h×3 bytes "
+                          "per image) and read pixels from there; the samples stay identical")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("--ddp", action="store_true",
@@ -146,6 +149,7 @@ def plan_from_args(args):
                              "(or start a new run with --name)")
         plan = load_plan(args.resume)
         plan.device, plan.workers, plan.wandb = args.device, args.workers, args.wandb
+        plan.decoded_cache = args.decoded_cache
         return plan
     methods = None if args.methods in (None, "all") else [m.strip() for m in args.methods.split(",")]
     name = args.name or f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -156,7 +160,8 @@ def plan_from_args(args):
                    checkpoint=args.checkpoint, epochs=args.epochs, lr=args.lr,
                    batch_size=args.batch_size, overrides=args.overrides, plugins=args.plugins,
                    data_dir=args.data_dir, download=args.download, device=args.device,
-                   workers=args.workers, wandb=args.wandb, precision=args.precision)
+                   workers=args.workers, wandb=args.wandb, precision=args.precision,
+                   decoded_cache=args.decoded_cache)
 
 
 def relaunch_with_torchrun(args, argv) -> int:

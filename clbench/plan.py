@@ -17,7 +17,7 @@ from clbench.registry import BENCHMARKS, METHODS, load_plugins
 from clbench.results import read_json
 
 # Plan fields that do not change any number: a run may be continued with other values of these.
-NOT_SETTINGS = ("run_dir", "device", "workers", "wandb", "download")
+NOT_SETTINGS = ("run_dir", "device", "workers", "wandb", "download", "decoded_cache")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class RunPlan:
     workers: int = 0
     wandb: str = "disabled"
     precision: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    decoded_cache: bool = False   # serve image files from a decoded-pixel cache (same samples)
 
     def settings(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_SETTINGS}

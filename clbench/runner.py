@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import platform
 import random
 import subprocess
@@ -77,6 +78,10 @@ def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = Fal
 
     backbone = plan.backbone or benchmark.default_backbone
     split = benchmark.load(input_size(spec_for(backbone)))  # missing data fails before weights load
+    if plan.decoded_cache:
+        from clbench import decoded_cache
+
+        split = decoded_cache.attach(split, benchmark.root / ".decoded", os.cpu_count() or 1, log)
     loaded = load_backbone(backbone, plan.checkpoint)
     if main and record_plan:  # only a plan that validated and loaded replaces the stored one
         write_json(Path(plan.run_dir) / "run.json", dataclasses.asdict(plan))

@@ -111,6 +111,8 @@ export PY REPO TARGET WORK DEVICE DIGITS SEEDS ALL HIGH HAS_PRECISION
 # Alone on the machine: these are the timing figures.
 step perf_e2e 330 $PY -m clbench.perf --sections e2e --device $DEVICE --shapes $SHAPES \
   --precisions $PRECISIONS $E2E --e2e-data "$WORK/e2e" --json "$OUT/perf_e2e.json"
+step perf_e2e_decoded 150 $PY -m clbench.perf --sections e2e --device $DEVICE --shapes $SHAPES \
+  --precisions $HIGH $E2E --e2e-decoded-cache --e2e-data "$WORK/e2e" --json "$OUT/perf_e2e_decoded.json"
 mkdir -p "$OUT/e2e_runs"
 (cd "$WORK/e2e/runs" && find . -name results.json -exec cp --parents {} "$OUT/e2e_runs/" \;) 2>/dev/null
 

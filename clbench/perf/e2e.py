@@ -133,6 +133,7 @@ def _measure(args, spec, root: Path, device, log) -> dict:
                "tasks": args.e2e_tasks, "epochs": args.e2e_epochs, "backbone": backbone_flags[1],
                "shapes": shapes.name, "input_size": size, "batch": batch, "eval_batch": eval_batch,
                "workers": workers, "loader": loader, "precision_flag": has_flag,
+               "decoded_cache": args.e2e_decoded_cache,
                "official": OFFICIAL, "precisions": {}}
     for p in args.precisions:
         log(f"perf e2e [{p}]: model alone …")
@@ -147,6 +148,8 @@ def _measure(args, spec, root: Path, device, log) -> dict:
                 "--name", name, "--no-report", *backbone_flags]
         if has_flag:
             argv += ["--precision", p]
+        if args.e2e_decoded_cache:
+            argv.append("--decoded-cache")
         log(f"perf e2e [{p}]: clbench {' '.join(argv)}")
         code = cli_main(argv)
         found = sorted((root / "runs" / name).rglob("results.json"))

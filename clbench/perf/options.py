@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     e.add_argument("--e2e-method", default="sdlora")
     e.add_argument("--e2e-tasks", type=int, default=3)
     e.add_argument("--e2e-epochs", type=int, default=1)
+    e.add_argument("--e2e-decoded-cache", action="store_true",
+                   help="run with `clbench run --decoded-cache` (pixels decoded once)")
     e.add_argument("--e2e-classes-per-task", type=int, default=20, help="ImageNet-R 10 tasks: 20")
     e.add_argument("--e2e-train-per-class", type=int, default=120)
     e.add_argument("--e2e-test-per-class", type=int, default=30)

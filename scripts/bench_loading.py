@@ -1,0 +1,73 @@
+"""Data loading, side by side on one image tree (class sub-folders of JPEGs):
+
+1. evaluation: whole 256-image batches per worker vs the same batches decoded in 32-image chunks
+   (``clbench.loaders.Rebatched``);
+2. training (RandomResizedCrop + flip, batch 128): decoding the JPEGs vs reading the decoded-image
+   cache (``clbench.decoded_cache``, what ``clbench run --decoded-cache`` uses).
+
+    python scripts/bench_loading.py <imagenet-r>/train [--workers N] [--size 224]
+
+Prints images/s of full passes (best of three after a warm-up) and the ratios. The tree of
+``clbench perf --sections e2e --e2e-data DIR`` works, as does a real ImageNet-R split.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from clbench.datasets import ImageFiles, list_image_folder, test_transform, train_transform
+from clbench.decoded_cache import DecodedImages, build
+from clbench.evaluation import _SeenBatches
+from clbench.loaders import Rebatched
+
+
+def best_rate(loader, n_images: int) -> float:
+    times = []
+    for _ in range(4):
+        began = time.perf_counter()
+        for _batch in loader:
+            pass
+        times.append(time.perf_counter() - began)
+    return n_images / min(times[1:])
+
+
+def eval_rate(data, workers: int, chunk: int) -> float:
+    sampler = _SeenBatches([len(data)], 256)
+    sampler.n_seen = 1
+    return best_rate(Rebatched(data, sampler, workers, pin_memory=False, chunk=chunk), len(data))
+
+
+def train_rate(data, workers: int) -> float:
+    loader = DataLoader(data, batch_size=128, shuffle=True, num_workers=workers,
+                        persistent_workers=workers > 0)
+    return best_rate(loader, len(data))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    files, targets, _ = list_image_folder(args.folder)
+    test = ImageFiles(args.folder, files, targets, test_transform(args.size))
+    whole, chunked = eval_rate(test, args.workers, 256), eval_rate(test, args.workers, 32)
+    print(f"evaluation, {len(files)} images, {args.workers} workers: whole batches {whole:.0f} "
+          f"img/s, 32-image chunks {chunked:.0f} img/s ({chunked / whole:.2f}x)")
+    train = ImageFiles(args.folder, files, targets, train_transform(args.size))
+    with tempfile.TemporaryDirectory() as cache:
+        began = time.perf_counter()
+        decoded = DecodedImages(train, build(train, Path(cache), max(args.workers, 1)))
+        built = time.perf_counter() - began
+        jpeg, cached = train_rate(train, args.workers), train_rate(decoded, args.workers)
+    print(f"training, {len(files)} images, {args.workers} workers: JPEG {jpeg:.0f} img/s, "
+          f"decoded cache {cached:.0f} img/s ({cached / jpeg:.2f}x; cache built once in {built:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
