@@ -169,6 +169,14 @@ if e2e_path.is_file():
         print(line)
 else:
     print("\n[e2e] no figures (see logs/perf_e2e.log)")
+decoded_path = out / "perf_e2e_decoded.json"
+if decoded_path.is_file():
+    for p, r in json.loads(decoded_path.read_text())["e2e"]["precisions"].items():
+        if "run" in r:
+            run, q, o = r["run"], r["ratios"], r["official_schedule"]
+            print(f"  {p} with --decoded-cache: run train {run['train_images_per_s']:.0f} "
+                  f"({q['train_vs_model']:.2f}x model) eval {run['eval_images_per_s']:.0f} img/s | "
+                  f"official schedule {o['total_min']:.1f} min")
 loss_path = out / "perf_losscurve.json"
 if loss_path.is_file():
     c = json.loads(loss_path.read_text())["losscurve"]
