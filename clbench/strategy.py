@@ -134,8 +134,9 @@ class CLStrategy(SupervisedTemplate):
         self.scheduler = None
         self._eval_loader = None
         # The pretrained weights as loaded (CPU copy): checkpoints store only what changed.
-        self._pretrained = {name: p.detach().to("cpu", copy=True)
-                            for name, p in model.named_parameters() if name.startswith("backbone.")}
+        # Keyed by the parameter object, which survives methods wrapping modules (renaming keys).
+        self._pretrained = {id(p): p.detach().to("cpu", copy=True)
+                            for p in model.backbone.parameters()}
         self.prepare_model(model)
         super().__init__(
             model=model, optimizer=_no_optimizer(), criterion=nn.CrossEntropyLoss(),
@@ -285,16 +286,17 @@ class CLStrategy(SupervisedTemplate):
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters()) if self.train_epochs else 0
 
-    def _unchanged_pretrained(self) -> set[str]:
-        """Names of model tensors still bit-identical to the pretrained weights."""
-        current = dict(self.model.named_parameters())
-        return {name for name, weight in self._pretrained.items()
-                if name in current and torch.equal(current[name].detach().cpu(), weight)}
+    def _pretrained_names(self, unchanged_only: bool) -> set[str]:
+        """Names of the pretrained parameters (under their current keys), optionally only those
+        still bit-identical to the loaded weights."""
+        return {name for name, p in self.model.named_parameters(remove_duplicate=False)
+                if id(p) in self._pretrained and not (
+                    unchanged_only and not torch.equal(p.detach().cpu(), self._pretrained[id(p)]))}
 
     def checkpoint(self) -> dict:
         """Model tensors except pretrained weights that are still untouched (whatever the method
         trains, and whatever it changed in place, is saved), and the method's state."""
-        skip = self._unchanged_pretrained()
+        skip = self._pretrained_names(unchanged_only=True)
         tensors = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k not in skip}
         return {"model": tensors, "state": self.extra_state()}
 
@@ -302,7 +304,8 @@ class CLStrategy(SupervisedTemplate):
         self.restore_structure(checkpoint["state"])
         self.model.to(self.device)
         missing, unexpected = self.model.load_state_dict(checkpoint["model"], strict=False)
-        missing = [m for m in missing if m not in self._pretrained]
+        pretrained = self._pretrained_names(unchanged_only=False)
+        missing = [m for m in missing if m not in pretrained]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
