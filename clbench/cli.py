@@ -25,7 +25,8 @@ def _csv(kind):
 
 # `run` flags that define what is computed: with --resume the stored plan decides them.
 PLAN_FLAGS = ("methods", "bench", "tasks", "seeds", "backbone", "checkpoint", "epochs", "batch_size",
-              "lr", "data_dir", "overrides", "plugins", "name", "precision")
+              "lr", "data_dir", "overrides", "plugins", "name", "precision", "workers", "out",
+              "download")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -142,24 +143,30 @@ def plan_from_args(args):
 
     if args.resume:
         defaults = build_parser().parse_args(["run"])
+        if args.methods == "all":
+            args.methods = None  # the same as no --methods
         given = [f for f in PLAN_FLAGS if getattr(args, f) != getattr(defaults, f)]
         if given:
             flags = ", ".join("--" + f.replace("_", "-").replace("overrides", "set") for f in given)
             raise UsageError(f"--resume continues {args.resume} exactly as planned; drop {flags} "
                              "(or start a new run with --name)")
         plan = load_plan(args.resume)
-        plan.device, plan.workers, plan.wandb = args.device, args.workers, args.wandb
+        plan.device, plan.wandb = args.device, args.wandb
         plan.decoded_cache = args.decoded_cache
         return plan
     methods = None if args.methods in (None, "all") else [m.strip() for m in args.methods.split(",")]
     name = args.name or f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not name or "/" in name or name in (".", ".."):
         raise UsageError(f"--name {name!r}: give a plain folder name")
+    def absolute(path):  # the plan must mean the same files when resumed from elsewhere
+        return str(Path(path).resolve()) if path else path
+
+    plugins = [absolute(p) if p.endswith(".py") else p for p in args.plugins]
     return RunPlan(run_dir=str(Path(args.out).resolve() / name), benchmark=args.bench, n_tasks=args.tasks,
                    methods=methods or [], seeds=args.seeds or [], backbone=args.backbone,
-                   checkpoint=args.checkpoint, epochs=args.epochs, lr=args.lr,
-                   batch_size=args.batch_size, overrides=args.overrides, plugins=args.plugins,
-                   data_dir=args.data_dir, download=args.download, device=args.device,
+                   checkpoint=absolute(args.checkpoint), epochs=args.epochs, lr=args.lr,
+                   batch_size=args.batch_size, overrides=args.overrides, plugins=plugins,
+                   data_dir=absolute(args.data_dir), download=args.download, device=args.device,
                    workers=args.workers, wandb=args.wandb, precision=args.precision,
                    decoded_cache=args.decoded_cache)
 

@@ -28,11 +28,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes in the environment; False when not launched so."""
+def init_from_env(device: torch.device | None = None) -> bool:
+    """Join the process group torchrun describes in the environment; False when not launched so.
+    NCCL only when the run computes on CUDA (``--device cpu`` on a GPU machine uses gloo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return world_size() > 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    backend = "nccl" if on_cuda else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
@@ -43,6 +45,11 @@ def local_device(requested: torch.device) -> torch.device:
     if requested.type == "cuda" and world_size() > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return requested
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,11 @@ def reduce_gradients(parameters, local_samples: int) -> None:
     """Replace each gradient by the sample-weighted mean over ranks (what DDP's all-reduce does)."""
     if world_size() <= 1:
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters = list(parameters)
+    for p in parameters:  # every rank must reduce the same layout, used or not
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in parameters]
     device = grads[0].device if grads else torch.device("cpu")
     flat = torch.cat([g.reshape(-1) * local_samples for g in grads]
                      + [torch.tensor([float(local_samples)], device=device)])

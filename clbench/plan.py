@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from clbench.registry import BENCHMARKS, METHODS, load_plugins
 from clbench.results import read_json
 
 # Plan fields that do not change any number: a run may be continued with other values of these.
-NOT_SETTINGS = ("run_dir", "device", "workers", "wandb", "download", "decoded_cache")
+# (The worker count is a setting: random augmentations draw from per-worker generators.)
+NOT_SETTINGS = ("run_dir", "device", "wandb", "download", "decoded_cache")
 
 
 @dataclass
@@ -167,9 +170,9 @@ def check_same_settings(job: Job) -> None:
 def ensure_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)  # unique per process
+        os.close(handle)
+        os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
                          "choose a writable --out") from None

@@ -64,11 +64,12 @@ def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = Fal
     records its grid in ``sweep.json`` instead."""
     from clbench import distributed, precision
 
+    plan.precision = plan.precision or precision.default_for(resolve_device(plan.device))  # stored
     if record_plan:
         check_run_dir(plan, resuming)
     benchmark, n_tasks, jobs = prepare(plan)
     ensure_writable(Path(plan.run_dir))
-    distributed.init_from_env()
+    distributed.init_from_env(resolve_device(plan.device))
     device = distributed.local_device(resolve_device(plan.device))
     precision.configure(jobs[0].context.precision)
     main = distributed.is_main()
@@ -78,10 +79,14 @@ def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = Fal
 
     backbone = plan.backbone or benchmark.default_backbone
     split = benchmark.load(input_size(spec_for(backbone)))  # missing data fails before weights load
-    if plan.decoded_cache:
+    if plan.decoded_cache:  # built by the main process; the others wait, then read it
         from clbench import decoded_cache
 
+        if not main:
+            distributed.barrier()
         split = decoded_cache.attach(split, benchmark.root / ".decoded", os.cpu_count() or 1, log)
+        if main:
+            distributed.barrier()
     loaded = load_backbone(backbone, plan.checkpoint)
     if main and record_plan:  # only a plan that validated and loaded replaces the stored one
         write_json(Path(plan.run_dir) / "run.json", dataclasses.asdict(plan))
@@ -122,6 +127,25 @@ def _resume_point(strategy, job: Job, results_path: Path, checkpoint_path: Path)
     return start, results
 
 
+def check_shards(stream, batch_size: int) -> None:
+    """Data parallel: every process must get a share of every batch, the last one included."""
+    from clbench import distributed
+
+    size = distributed.world_size()
+    if size <= 1:
+        return
+    seen = 0
+    for task, experience in enumerate(stream.train):
+        n = len(experience.dataset)
+        seen += n
+        for count in {n, seen}:  # one task's data, or all seen so far (joint)
+            if 0 < count % batch_size < size:
+                raise UsageError(
+                    f"--ddp with {size} processes: {count} training images of task {task + 1} "
+                    f"leave a last batch of {count % batch_size} (< {size}) with --batch-size "
+                    f"{batch_size}; choose another --batch-size or --nproc")
+
+
 def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, log) -> Path:
     from clbench import distributed
     from clbench.progress import ProgressPlugin
@@ -129,7 +153,8 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
     from clbench.strategy import CLModel
 
     results_path = job.out_dir / "results.json"
-    clean_temporary_files(job.out_dir)
+    if distributed.is_main():  # only the writer's half-written files; never another rank's
+        clean_temporary_files(job.out_dir)
     if results_path.exists():
         previous = _read_results(results_path)
         if previous.status in ("complete", "diverged"):
@@ -138,6 +163,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
 
     class_order = benchmark.class_order(job.seed)
     stream = build_stream(split, class_order, n_tasks)
+    check_shards(stream, job.config.batch_size)
     seed_everything(job.seed)
     model = CLModel(copy.deepcopy(loaded.model), loaded.feature_dim, loaded.spec.mean, loaded.spec.std)
     strategy = job.strategy_cls(model=model, config=job.config, context=job.context, device=device,

@@ -190,6 +190,16 @@ class CLStrategy(SupervisedTemplate):
         self.known_classes = state["known_classes"]
 
     # ----------------------------------------------------------------- template overrides
+    def train(self, experiences, eval_streams=None, **kwargs):
+        """Avalanche's ``train``; an exception inside a forward pass leaves no autocast behind."""
+        try:
+            return super().train(experiences, eval_streams, **kwargs)
+        finally:
+            open_autocast = getattr(self, "_autocast", None)
+            if open_autocast is not None:
+                open_autocast.__exit__(None, None, None)
+                self._autocast = None
+
     @property
     def current_classes(self) -> int:
         return self.model.head.n_classes - self.known_classes
@@ -312,7 +322,8 @@ class CLStrategy(SupervisedTemplate):
 
     def check_finite(self) -> None:
         """Raise ``Diverged`` if a loss of this task or a trainable weight is not finite."""
-        if not bool(self._finite):
+        finite = distributed.all_reduce_sum((~self._finite).to(torch.float32).reshape(1)) == 0
+        if not bool(finite):  # any rank's non-finite loss stops every rank together
             raise Diverged(f"non-finite loss while training task {self.task + 1}")
         trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if trained and not bool(torch.stack([torch.isfinite(p).all() for _, p in trained]).all()):
@@ -334,6 +345,7 @@ class CoreHooks(SupervisedPlugin):
 
     def before_backward(self, strategy, **kwargs):
         strategy._autocast.__exit__(None, None, None)
+        strategy._autocast = None
         strategy._finite &= torch.isfinite(strategy.loss.detach()).all()
 
     def after_backward(self, strategy, **kwargs):
