@@ -87,6 +87,10 @@ def test_resume_from_another_directory_and_flags_with_resume(cli, tiny_checkpoin
     monkeypatch.chdir(elsewhere)
     code, _, err = cli("run", "--resume", work / "runs" / "rel", "--epochs", "5")
     assert code == 2 and "--epochs" in err
+    code, _, err = cli("run", "--resume", work / "runs" / "rel", "--workers", "2")
+    assert code == 2 and "--workers" in err  # the worker count changes augmentation draws
+    stored = json.loads((work / "runs" / "rel" / "run.json").read_text())
+    assert stored["precision"] == "fp32" and stored["checkpoint"] == str(tiny_checkpoint.resolve())
     code, out, err = cli("run", "--resume", work / "runs" / "rel", "--no-report")
     assert code == 0, err
     assert "resuming after task 1/2" in out and not (elsewhere / "runs").exists()
