@@ -34,8 +34,8 @@ def init_from_env(device: torch.device | None = None) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return world_size() > 1
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    backend = "nccl" if on_cuda else "gloo"
-    if backend == "nccl":
+    backend = "cpu:gloo,cuda:nccl" if on_cuda else "gloo"  # CPU statistics reduce over gloo
+    if on_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True

@@ -94,8 +94,9 @@ class CodaComponents(nn.Module):
 
 def component_weights(query: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor):
     """α (B, M) = cos(q ⊙ A_m, K_m)."""
-    attended = F.normalize(query.unsqueeze(1) * attention.unsqueeze(0), dim=2)
-    return torch.einsum("bmd,md->bm", attended, F.normalize(keys, dim=1))
+    with torch.autocast(query.device.type, enabled=False):  # cosines in float32 under bf16
+        attended = F.normalize(query.float().unsqueeze(1) * attention.float().unsqueeze(0), dim=2)
+        return torch.einsum("bmd,md->bm", attended, F.normalize(keys.float(), dim=1))
 
 
 @dataclass

@@ -56,7 +56,9 @@ class DualPromptParams(nn.Module):
 
     def similarity(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """(B, T) cosine between the (detached) queries and E-block ``layer``'s keys."""
-        return F.normalize(query.detach(), dim=1) @ F.normalize(self.e_keys[layer], dim=1).T
+        with torch.autocast(query.device.type, enabled=False):  # ties must not come from bf16
+            return (F.normalize(query.detach().float(), dim=1)
+                    @ F.normalize(self.e_keys[layer].float(), dim=1).T)
 
 
 @dataclass

@@ -52,7 +52,8 @@ class PromptPool(nn.Module):
 
     def similarity(self, query: torch.Tensor) -> torch.Tensor:
         """(B, M) cosine between each query and each key; the query carries no gradient."""
-        return F.normalize(query.detach(), dim=1) @ F.normalize(self.keys, dim=1).T
+        with torch.autocast(query.device.type, enabled=False):  # ties must not come from bf16
+            return F.normalize(query.detach().float(), dim=1) @ F.normalize(self.keys.float(), dim=1).T
 
 
 def select_prompts(similarity: torch.Tensor, top_k: int, batchwise: bool) -> torch.Tensor:

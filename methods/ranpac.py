@@ -20,9 +20,10 @@ DomainNet alike; SSF on ImageNet-R and ImageNet-A, adapters (bottleneck 64, scal
 elsewhere. ``digits`` (tiny backbone, width 96): M = 1000 (the official M is 13× the ViT-B width; 10× here keeps G small) and bottleneck 8.
 
 Deviations from the official code:
-* the 20 % hold-out is a fixed pseudo-random subset of the task's images (an integer hash of the
-  pixels), not the tail of one shuffled pass, so the chosen λ — like G and Q — does not depend on
-  batch order or the number of data-parallel ranks; the hold-out MSE is computed exactly from
+* the 20 % hold-out is a pseudo-random subset of the task's images (an integer hash of the pixels
+  the statistics pass sees), not the tail of one shuffled pass, so with deterministic transforms
+  the chosen λ — like G and Q — does not depend on batch order or the number of data-parallel
+  ranks (with random augmentation the hashed pixels are the augmented ones); the hold-out MSE is computed exactly from
   hold-out sums (Σ hhᵀ, Σ hyᵀ, count) instead of stored features, averaged over the task's
   classes (the official mean over all dataset classes differs by a constant factor); if a task
   has no image in one of the two parts (tiny tests), λ = 1;
@@ -67,7 +68,7 @@ class RanPACConfig(AdapterConfig):
 
 def holdout_mask(images: torch.Tensor) -> torch.Tensor:
     """True for the ≈20 % of images used to choose λ: an exact integer hash of the pixels, so
-    the same image always falls on the same side whatever the batch it arrives in."""
+    the same pixels always fall on the same side whatever the batch they arrive in."""
     pixels = torch.round(images.detach().float().flatten(1).cpu() * 255).to(torch.int64)
     weights = torch.randint(1, 2**20, (pixels.shape[1],),
                             generator=torch.Generator().manual_seed(1993))

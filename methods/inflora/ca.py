@@ -115,7 +115,7 @@ class InfLoRACA(InfLoRA):
             mean = all_reduce_sum(x.sum(0)) / n
             scatter = all_reduce_sum(x.T @ x) - n * torch.outer(mean, mean)
             means.append(mean.cpu())
-            covs.append((scatter / (n - 1) + self.config.cov_ridge * eye).float().cpu())
+            covs.append((scatter / (n - 1).clamp_min(1) + self.config.cov_ridge * eye).float().cpu())
         self.class_means = torch.cat([self.class_means, torch.stack(means)])
         self.class_covs = torch.cat([self.class_covs, torch.stack(covs)])
         self.class_task += [task] * len(means)
@@ -125,8 +125,12 @@ class InfLoRACA(InfLoRA):
         mean = (self.class_means[c] * shrink).float().to(self.device)
         cov = self.class_covs[c].to(self.device)
         eye = torch.eye(cov.shape[0], device=self.device)
-        while torch.linalg.cholesky_ex(cov).info != 0:
+        for _ in range(60):  # the official jitter loop, bounded (it cannot fix a NaN matrix)
+            if torch.linalg.cholesky_ex(cov).info == 0:
+                break
             cov = cov + self.config.cov_ridge * eye
+        else:
+            raise FloatingPointError(f"class {c}: covariance not positive definite after jitter")
         return MultivariateNormal(mean, cov)
 
     def align_classifier(self, task: int) -> None:
