@@ -36,7 +36,8 @@ from clbench import parallel_adapter
 from clbench.class_stats import ClassStatistics
 from clbench.errors import UsageError
 from clbench.methods import aper_ssf
-from clbench.methods.simplecil import CosineHead, PrototypeConfig, PrototypeStrategy, cosine_logits
+from clbench.methods.simplecil import (ClassMeanPrototypes, CosineHead, PrototypeConfig,
+                                      PrototypeStrategy)
 from clbench.registry import register_method
 
 _CIFAR = dict(epochs=20, lr=0.01, batch_size=48, weight_decay=5e-4, min_lr=0.0, ffn_num=64)
@@ -126,7 +127,7 @@ class FirstSessionTuning(PrototypeStrategy):
 
 @register_method("aper", "APER/ADAM (adapter): adapters tuned on the first task, then cosine to "
                          "prototypes of [pretrained, adapted] features, 2 forward passes")
-class APER(FirstSessionTuning):
+class APER(ClassMeanPrototypes, FirstSessionTuning):
     forward_passes_per_image = 2
     variant_keys = ("peft",)  # SSF has its own per-benchmark settings
 
@@ -145,23 +146,10 @@ class APER(FirstSessionTuning):
         """[pretrained(x), adapted(x)]: the official MultiBranchCosineIncrementalNet order."""
         return torch.cat([self.pretrained_features(images), self.adapted_features(images)], dim=1)
 
+    features_for_prototypes = features
+
     def learn_without_gradients(self, task: int) -> None:
-        self.collect_statistics(self.statistics, self.features)
-        self._prototypes = self.prototypes().to(self.device, torch.float32)
-
-    def prototypes(self) -> torch.Tensor:
-        return self.statistics.means()[: self.model.head.n_classes]
-
-    def predict(self, images):
-        return cosine_logits(self.features(images), self._prototypes)
+        self.update_prototypes()
 
     def task_info(self) -> dict:
         return {"first_session_tuned": self.task == 0}
-
-    def extra_state(self) -> dict:
-        return {**super().extra_state(), "statistics": self.statistics.state_dict()}
-
-    def restore_structure(self, state: dict) -> None:
-        super().restore_structure(state)
-        self.statistics.load_state_dict(state["statistics"])
-        self._prototypes = self.prototypes().to(self.device, torch.float32)

@@ -136,6 +136,29 @@ class PrototypeStrategy(CLStrategy):
         raise NotImplementedError
 
 
+class ClassMeanPrototypes:
+    """Prototypes = class means of ``self.features_for_prototypes`` kept in ``self.statistics``
+    (float64 sums), with their checkpoint state: shared by SimpleCIL and APER."""
+
+    def prototypes(self) -> torch.Tensor:
+        return self.statistics.means()[: self.model.head.n_classes]
+
+    def update_prototypes(self) -> None:
+        self.collect_statistics(self.statistics, self.features_for_prototypes)
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
+
+    def predict(self, images):
+        return cosine_logits(self.features_for_prototypes(images), self._prototypes)
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "statistics": self.statistics.state_dict()}
+
+    def restore_structure(self, state: dict) -> None:
+        super().restore_structure(state)
+        self.statistics.load_state_dict(state["statistics"])
+        self._prototypes = self.prototypes().to(self.device, torch.float32)
+
+
 @dataclass
 class SimpleCILConfig(PrototypeConfig):
     """Nothing trains: ``epochs`` is unused (kept 0 so the resolved config says so)."""
@@ -145,7 +168,7 @@ class SimpleCILConfig(PrototypeConfig):
 
 @register_method("simplecil", "SimpleCIL: cosine to class-mean prototypes of the frozen "
                               "pretrained features, no training, 1 forward pass")
-class SimpleCIL(PrototypeStrategy):
+class SimpleCIL(ClassMeanPrototypes, PrototypeStrategy):
     Config = SimpleCILConfig
     forward_passes_per_image = 1
 
@@ -158,23 +181,11 @@ class SimpleCIL(PrototypeStrategy):
         model.backbone.requires_grad_(False)
         self.statistics = ClassStatistics(model.head.in_features, second_moments=False)
 
+    def features_for_prototypes(self, images):
+        return self.model.features(images)
+
     def after_task(self, task: int) -> None:
-        self.collect_statistics(self.statistics, self.model.features)
-        self._prototypes = self.prototypes().to(self.device, torch.float32)
-
-    def prototypes(self) -> torch.Tensor:
-        return self.statistics.means()[: self.model.head.n_classes]
-
-    def predict(self, images):
-        return cosine_logits(self.model.features(images), self._prototypes)
+        self.update_prototypes()
 
     def task_info(self) -> dict:
         return {"prototypes": int(self.statistics.n_classes)}
-
-    def extra_state(self) -> dict:
-        return {**super().extra_state(), "statistics": self.statistics.state_dict()}
-
-    def restore_structure(self, state: dict) -> None:
-        super().restore_structure(state)
-        self.statistics.load_state_dict(state["statistics"])
-        self._prototypes = self.prototypes().to(self.device, torch.float32)
