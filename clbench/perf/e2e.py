@@ -43,7 +43,6 @@ def backbone_args(shapes_name: str, root: Path) -> list[str]:
         return ["--backbone", "vit-tiny-letters"]
     path = root / "vit_b16_random_init.safetensors"
     if not path.is_file():
-        import torch
         from safetensors.torch import save_file
 
         model, _, _ = make_backbone(shapes_for("vit-b16", True, 1), num_classes=1000)
