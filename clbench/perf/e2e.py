@@ -125,13 +125,18 @@ def _measure(args, spec, root: Path, device, log) -> dict:
     batch, eval_batch = method_batches(args.e2e_method, args.e2e_tasks, args.e2e_epochs)
     workers = args.workers
     log(f"perf e2e: loader alone ({workers} workers) …")
-    loader = tree_loader_rates(root, size, batch, workers, device)
+    loader, loader_jpeg = tree_loader_rates(root, size, batch, workers, device), None
+    if args.e2e_decoded_cache:  # the run reads the same cache (same folder and file list)
+        log(f"perf e2e: loader alone, decoded cache ({workers} workers) …")
+        loader, loader_jpeg = tree_loader_rates(root, size, batch, workers, device,
+                                                decoded_cache=root / ".decoded"), loader
     plain, _, _ = make_backbone(shapes)
     has_flag = run_accepts("--precision")
     figures = {"tree": {**tree, "root": str(root)}, "method": args.e2e_method,
                "tasks": args.e2e_tasks, "epochs": args.e2e_epochs, "backbone": backbone_flags[1],
                "shapes": shapes.name, "input_size": size, "batch": batch, "eval_batch": eval_batch,
-               "workers": workers, "loader": loader, "precision_flag": has_flag,
+               "workers": workers, "loader": loader, "loader_jpeg": loader_jpeg,
+               "precision_flag": has_flag,
                "decoded_cache": args.e2e_decoded_cache,
                "official": OFFICIAL, "precisions": {}}
     for p in args.precisions:
@@ -174,9 +179,9 @@ def print_e2e(e: dict, p=print) -> None:
       f"a synthetic ImageNet-R-shaped tree ({t['n_train']} train / {t['n_test']} test JPEGs of "
       f"{t['spec']['side']}px, {t['mean_kb']:.0f} KB), backbone {e['backbone']} at "
       f"{e['input_size']}px, batch {e['batch']}, {e['workers']} workers")
-    ld = e["loader"]
-    p(f"   loader alone: train {ld['train_images_per_s']:.0f} img/s, test "
-      f"{ld['test_images_per_s']:.0f} img/s")
+    for ld in filter(None, (e.get("loader_jpeg"), e["loader"])):
+        p(f"   loader alone ({ld['source']}): train {ld['train_images_per_s']:.0f} img/s, test "
+          f"{ld['test_images_per_s']:.0f} img/s")
     if not e["precision_flag"]:
         p("   note: `clbench run` has no --precision flag here; every run used its default")
     for name, r in e["precisions"].items():

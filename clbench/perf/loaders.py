@@ -33,12 +33,24 @@ def loader_rate(dataset, batch: int, workers: int, device, epochs: int = 1,
 
 
 def tree_loader_rates(root: Path, image_size: int, batch: int, workers: int, device,
-                      train_epochs: int = 1, test_epochs: int = 3) -> dict:
-    """Train (RandomResizedCrop + flip) and test (Resize + CenterCrop) images/s over a JPEG tree."""
+                      train_epochs: int = 1, test_epochs: int = 3,
+                      decoded_cache: Path | None = None) -> dict:
+    """Train (RandomResizedCrop + flip) and test (Resize + CenterCrop) images/s over a JPEG tree;
+    with ``decoded_cache``, over its decoded pixels (what ``clbench run --decoded-cache`` reads;
+    building the cache, once, is timed apart)."""
     from clbench.datasets import load_presplit
 
     split = load_presplit(jpeg_tree.split_root(root), "perf-tree", image_size)
+    built_s = None
+    if decoded_cache is not None:
+        from clbench import decoded_cache as cache
+
+        began = time.perf_counter()
+        split = cache.attach(split, decoded_cache, max(workers, 1), log=lambda _: None)
+        built_s = time.perf_counter() - began
     return {"workers": workers, "batch": batch, "input_size": image_size,
+            "source": "decoded cache" if decoded_cache is not None else "JPEG",
+            "decoded_cache_build_s": built_s,
             "train_images": len(split.train), "test_images": len(split.test),
             "train_images_per_s": loader_rate(split.train, batch, workers, device, train_epochs),
             "test_images_per_s": loader_rate(split.test, batch, workers, device, test_epochs,
