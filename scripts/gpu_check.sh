@@ -13,7 +13,8 @@
 # 3. in parallel (not timing): the `digits` default job with 3 seeds under bf16 and under fp32
 #    (accuracy comparison), every method for 1 epoch under bf16 (no dtype error), and the
 #    bf16-vs-fp32 training-loss curves of a ViT-B/16 on synthetic data;
-# 4. a compact summary ($OUT/summary.txt). Every step has its own timeout; logs in $OUT/logs/.
+# 4. a compact summary ($OUT/summary.txt). Every step has its own timeout; logs and results.json
+#    files in $OUT/details.tar.gz.
 #
 # Environment: CLBENCH_GPU_CHECK_TINY=1 (CPU dry run: tiny backbone, tiny tree, fp32, few
 # methods/seeds), CLBENCH_GPU_CHECK_SKIP_WHEELS=1 (the host already has Avalanche & co.),
@@ -168,7 +169,8 @@ if e2e_path.is_file():
             line += f" | run FAILED: {r.get('error')}"
         print(line)
 else:
-    print("\n[e2e] no figures (see logs/perf_e2e.log)")
+    log = (out / "logs" / "perf_e2e.log").read_text(errors="replace").splitlines()
+    print("\n[e2e] no figures; the end of logs/perf_e2e.log:\n  " + "\n  ".join(log[-15:]))
 decoded_path = out / "perf_e2e_decoded.json"
 if decoded_path.is_file():
     d = json.loads(decoded_path.read_text())["e2e"]
@@ -216,5 +218,7 @@ if status:
 print(f"\nfiles: {out}")
 EOF
 echo "total $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"
+# Few files come back from a lent machine: logs and results travel as one archive.
+tar czf "$OUT/details.tar.gz" -C "$OUT" logs runs e2e_runs && rm -rf "$OUT/logs" "$OUT/runs" "$OUT/e2e_runs"
 exit 0
 }
