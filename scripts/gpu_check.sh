@@ -99,7 +99,8 @@ if [[ "$TINY" == 1 ]]; then
   DIGITS="--methods finetune,sdlora --epochs 1"; SEEDS="1993 1994"
   ALL="--methods all --epochs 1 --seeds 1993"
 else
-  DEVICE=cuda; SHAPES=vit-b16; PRECISIONS=bf16,fp32; LOSS_PRECISIONS=bf16,fp32; HIGH=bf16
+  DEVICE=cuda; SHAPES=vit-b16; PRECISIONS=${CLBENCH_GPU_CHECK_E2E_PRECISIONS:-bf16,fp32}
+  LOSS_PRECISIONS=bf16,fp32; HIGH=bf16
   E2E="--e2e-tasks 3 --e2e-epochs 3 --e2e-classes-per-task 20 --e2e-train-per-class 120 --e2e-test-per-class 30 --e2e-side 448"
   LOSS="--losscurve-steps 100 --losscurve-batch 64 --losscurve-lr 1e-4"
   DIGITS=""; SEEDS="1993 1994 1995"
@@ -112,8 +113,26 @@ export PY REPO TARGET WORK DEVICE DIGITS SEEDS ALL HIGH HAS_PRECISION
 # Alone on the machine: these are the timing figures.
 step perf_e2e 330 $PY -m clbench.perf --sections e2e --device $DEVICE --shapes $SHAPES \
   --precisions $PRECISIONS $E2E --e2e-data "$WORK/e2e" --json "$OUT/perf_e2e.json"
-step perf_e2e_decoded 150 $PY -m clbench.perf --sections e2e --device $DEVICE --shapes $SHAPES \
-  --precisions $HIGH $E2E --e2e-decoded-cache --e2e-data "$WORK/e2e" --json "$OUT/perf_e2e_decoded.json"
+# The loop's own cost: finetune trains the whole backbone, as the model-only rate does.
+step perf_e2e_finetune 120 $PY -m clbench.perf --sections e2e --device $DEVICE --shapes $SHAPES \
+  --precisions $HIGH $E2E --e2e-method finetune --e2e-data "$WORK/e2e" --json "$OUT/perf_e2e_finetune.json"
+# Where the main process spends its time in a run (cProfile; the run itself is slower under it).
+profile_run() {
+  local backbone="--backbone vit-tiny-letters"
+  [[ -f "$WORK/e2e/vit_b16_random_init.safetensors" ]] && \
+    backbone="--backbone vit-b16-in21k-ft-in1k --checkpoint $WORK/e2e/vit_b16_random_init.safetensors"
+  rm -rf "$WORK/profile-runs"
+  $PY -m cProfile -o "$WORK/profile.pstats" -m clbench run --plugin clbench.perf.synthetic_bench \
+    --bench imagenet-r-synthetic --data-dir "$WORK/e2e" --tasks 3 --methods sdlora --epochs 3 \
+    --workers "$(nproc)" --device $DEVICE $(precision $HIGH) $backbone --out "$WORK/profile-runs" --no-report
+  $PY -c "import pstats, sys; s = pstats.Stats(sys.argv[1], stream=sys.stdout)
+s.sort_stats('tottime').print_stats(30); s.sort_stats('cumulative').print_stats(45)" "$WORK/profile.pstats"
+}
+step profile 120 profile_run
+if [[ "${CLBENCH_GPU_CHECK_ONLY:-all}" != speed ]]; then
+  step perf_e2e_decoded 150 $PY -m clbench.perf --sections e2e --device $DEVICE --shapes $SHAPES \
+    --precisions $HIGH $E2E --e2e-decoded-cache --e2e-data "$WORK/e2e" --json "$OUT/perf_e2e_decoded.json"
+fi
 mkdir -p "$OUT/e2e_runs"
 (cd "$WORK/e2e/runs" && find . -name results.json -exec cp --parents {} "$OUT/e2e_runs/" \;) 2>/dev/null
 
@@ -126,6 +145,7 @@ run_digits() {  # precision seed
 run_all() {
   $PY -m clbench run --device $DEVICE $ALL $(precision $HIGH) --out "$WORK/runs" --name "all-$HIGH" --no-report
 }
+if [[ "${CLBENCH_GPU_CHECK_ONLY:-all}" != speed ]]; then
 PAR=$(( $(left) - 20 )); (( PAR > 420 )) && PAR=420
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # up to eight processes share the cores here
 PIDS=()
@@ -139,6 +159,7 @@ step losscurve 150 $PY -m clbench.perf --sections losscurve --device $DEVICE --s
 wait "${PIDS[@]}"
 mkdir -p "$OUT/runs"
 (cd "$WORK/runs" && find . -name results.json -exec cp --parents {} "$OUT/runs/" \;) 2>/dev/null
+fi
 
 # ---------------------------------------------------------------------------------- 4. summary
 $PY - "$OUT" "$HAS_PRECISION" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
@@ -149,11 +170,16 @@ from pathlib import Path
 out, has_precision = Path(sys.argv[1]), sys.argv[2] == "1"
 print("== clbench GPU check summary ==")
 print((out / "steps.txt").read_text().strip())
-e2e_path = out / "perf_e2e.json"
-if e2e_path.is_file():
+for name in ("perf_e2e", "perf_e2e_finetune"):
+    e2e_path = out / f"{name}.json"
+    if not e2e_path.is_file():
+        log_path = out / "logs" / f"{name}.log"
+        log = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
+        print(f"\n[{name}] no figures; the end of its log:\n  " + "\n  ".join(log[-15:]))
+        continue
     e = json.loads(e2e_path.read_text())["e2e"]
     ld = e["loader"]
-    print(f"\n[e2e] {e['method']} {e['tasks']} tasks x {e['epochs']} epoch, batch {e['batch']}, "
+    print(f"\n[{name}] {e['method']} {e['tasks']} tasks x {e['epochs']} epochs, batch {e['batch']}, "
           f"{e['workers']} workers, tree {e['tree']['n_train']}+{e['tree']['n_test']} JPEGs "
           f"({e['tree']['mean_kb']:.0f} KB, written in {e['tree']['seconds']:.0f}s)")
     print(f"  loader alone: train {ld['train_images_per_s']:.0f} img/s, test {ld['test_images_per_s']:.0f} img/s")
@@ -164,13 +190,16 @@ if e2e_path.is_file():
             run, q, o = r["run"], r["ratios"], r["official_schedule"]
             line += (f" | run train {run['train_images_per_s']:.0f} ({q['train_vs_floor']:.2f}x min) "
                      f"eval {run['eval_images_per_s']:.0f} ({q['eval_vs_floor']:.2f}x min) img/s | "
-                     f"official schedule {o['total_min']:.1f} min | run precision {run['run_precision']}")
+                     f"official schedule {o['total_min']:.1f} min | run precision {run['run_precision']}"
+                     f" | seconds per task {[(round(t['train_s'], 1), round(t['eval_s'], 1)) for t in run['tasks']]}")
         else:
             line += f" | run FAILED: {r.get('error')}"
         print(line)
-else:
-    log = (out / "logs" / "perf_e2e.log").read_text(errors="replace").splitlines()
-    print("\n[e2e] no figures; the end of logs/perf_e2e.log:\n  " + "\n  ".join(log[-15:]))
+profile_log = out / "logs" / "profile.log"
+if profile_log.is_file():
+    lines = profile_log.read_text(errors="replace").splitlines()
+    start = next((i for i, l in enumerate(lines) if "tottime" in l), len(lines))
+    print("\n[profile] main process, by own time:\n" + "\n".join(l[:160] for l in lines[start:start + 28]))
 decoded_path = out / "perf_e2e_decoded.json"
 if decoded_path.is_file():
     d = json.loads(decoded_path.read_text())["e2e"]
@@ -219,6 +248,6 @@ print(f"\nfiles: {out}")
 EOF
 echo "total $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"
 # Few files come back from a lent machine: logs and results travel as one archive.
-tar czf "$OUT/details.tar.gz" -C "$OUT" logs runs e2e_runs && rm -rf "$OUT/logs" "$OUT/runs" "$OUT/e2e_runs"
+(cd "$OUT" && tar czf details.tar.gz $(ls -d logs runs e2e_runs 2> /dev/null) && rm -rf logs runs e2e_runs)
 exit 0
 }

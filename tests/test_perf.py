@@ -163,3 +163,17 @@ def test_sdlora_scaling_falls_back_to_the_strategy(monkeypatch):
     s = measure_sdlora_scaling(backbone, mean, std, shapes, torch.device("cpu"), n_tasks=3)
     assert s["source"].startswith("SDLoRA strategy") and s["tasks"] == 3
     assert s["step_ratio"] == pytest.approx(s["step_task3_s"] / s["step_task1_s"])
+
+
+def test_e2e_writes_a_loadable_random_init_checkpoint_for_vit_b16(tmp_path, monkeypatch):
+    """The ViT-B/16 path of ``backbone_args`` (GPU runs only) on a tiny stand-in model."""
+    import safetensors.torch
+
+    from clbench.perf import e2e
+    from helpers import tiny_vit
+
+    monkeypatch.setattr(e2e, "make_backbone", lambda shapes, num_classes: (tiny_vit(), None, None))
+    flags = e2e.backbone_args("vit-b16", tmp_path)
+    assert flags[:3] == ["--backbone", "vit-b16-in21k-ft-in1k", "--checkpoint"]
+    saved = safetensors.torch.load_file(flags[3])
+    assert set(saved) == set(tiny_vit().state_dict())

@@ -47,7 +47,7 @@ def backbone_args(shapes_name: str, root: Path) -> list[str]:
 
         model, _, _ = make_backbone(shapes_for("vit-b16", True, 1), num_classes=1000)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        del model, torch
+        del model
     return ["--backbone", "vit-b16-in21k-ft-in1k", "--checkpoint", str(path)]
 
 
