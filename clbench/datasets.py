@@ -261,13 +261,17 @@ class ImageFiles:
 
 # ---------------------------------------------------------------------------------- transforms
 
+# Both end in PILToTensor: images travel from the loader workers to the model as uint8 (a
+# quarter of ToTensor's float32 bytes through shared memory, pinning and the host-to-device
+# copy); ``CLModel.normalize`` then gives exactly ToTensor's values (x/255, float32).
+
 def train_transform(size: int):
     """SD-LoRA official: RandomResizedCrop(S, scale=(0.05, 1), ratio 3/4–4/3, bilinear), flip,
-    ToTensor; pixels in [0, 1], no mean/std normalisation."""
+    ToTensor (its scaling to [0, 1] done by the model); no mean/std normalisation."""
     from torchvision import transforms as T
 
     return T.Compose([T.RandomResizedCrop(size, scale=(0.05, 1.0)), T.RandomHorizontalFlip(),
-                      T.ToTensor()])
+                      T.PILToTensor()])
 
 
 def test_transform(size: int):
@@ -275,7 +279,7 @@ def test_transform(size: int):
     from torchvision import transforms as T
 
     return T.Compose([T.Resize(int(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size), T.ToTensor()])
+                      T.CenterCrop(size), T.PILToTensor()])
 
 
 # ------------------------------------------------- pre-split ImageFolder archives (ADAM / PILOT)

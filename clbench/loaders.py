@@ -7,6 +7,10 @@ batch sampler into chunks of ``chunk`` samples for the workers and concatenates 
 order, so the model sees exactly the sampler's batches; with ``continuous=True`` one iterator
 runs over epoch after epoch, and the workers prefetch the next epoch while the current one
 trains. Without workers both are plain iteration over the same batches.
+
+Evaluation uses chunks (a few large batches per pass). Training uses whole batches
+(``chunk=None``) with ``continuous=True``: the stream already keeps the workers busy, and
+concatenating chunks costs the host a copy of every batch (``scripts/bench_loading.py``).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def _concat(chunks, pin: bool):
     batch in pageable memory makes the host wait at every ``.to(device, non_blocking=True)``
     until the device has finished the previous step, so the host's work and the device's
     add up instead of overlapping. Pinning here is the single copy a DataLoader's pin thread
-    would make (that thread is off: it would pin each chunk only for them to be copied again)."""
+    would make (its thread is off for chunks: it would pin each chunk only to copy it again)."""
     if len(chunks) == 1:
         return [t.pin_memory() for t in chunks[0]] if pin else chunks[0]
     batch = []
@@ -56,12 +60,15 @@ class Rebatched:
     """An iterable of the batch sampler's batches (see the module docstring)."""
 
     def __init__(self, dataset, batch_sampler, num_workers: int, pin_memory: bool,
-                 continuous: bool = False, chunk: int = CHUNK):
+                 continuous: bool = False, chunk: int | None = CHUNK):
         self.batch_sampler = batch_sampler
         self.continuous = continuous
-        self.chunks = _Chunks(batch_sampler, chunk if num_workers > 0 else None, continuous)
-        self.pin_memory = pin_memory
+        chunked = chunk is not None and num_workers > 0
+        self.chunks = _Chunks(batch_sampler, chunk if chunked else None, continuous)
+        # Whole batches are pinned by the DataLoader's pin thread; chunks straight into the batch.
+        self.pin_chunks = pin_memory and chunked
         self.loader = DataLoader(dataset, batch_sampler=self.chunks, num_workers=num_workers,
+                                 pin_memory=pin_memory and not chunked,
                                  persistent_workers=num_workers > 0 and not continuous)
         self._stream = None
 
@@ -75,7 +82,7 @@ class Rebatched:
     def _next_batch(self, source):
         first = next(source)
         pieces = self.chunks.pieces.popleft()
-        return _concat([first, *(next(source) for _ in range(pieces - 1))], self.pin_memory)
+        return _concat([first, *(next(source) for _ in range(pieces - 1))], self.pin_chunks)
 
     def __iter__(self):
         if not self.continuous:

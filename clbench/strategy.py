@@ -76,6 +76,12 @@ class IncrementalHead(nn.Module):
         return self.fc(features)
 
 
+# ToTensor's value of every uint8 pixel (float32 x/255, computed once on the CPU). Looking pixels
+# up gives the same bits on every device, where a device's own division may not (CUDA divides by
+# a scalar as a multiplication by its reciprocal).
+PIXEL_VALUES = torch.arange(256, dtype=torch.float32).div(255)
+
+
 class CLModel(nn.Module):
     """Backbone (timm ViT, ``num_classes=0``) + input normalisation + incremental head."""
 
@@ -83,12 +89,17 @@ class CLModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = IncrementalHead(feature_dim)
+        self.register_buffer("pixel_values", PIXEL_VALUES.clone(), persistent=False)
         self.normalize_input = mean is not None
         if self.normalize_input:
             self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def normalize(self, x):
+        """The backbone's input: uint8 pixels (what image loaders deliver) become ToTensor's
+        [0, 1] floats here, on the device; then the backbone's mean/std, if it has one."""
+        if x.dtype == torch.uint8:
+            x = self.pixel_values.index_select(0, x.flatten().int()).view(x.shape)
         return (x - self.mean) / self.std if self.normalize_input else x
 
     def features(self, x):
@@ -232,7 +243,7 @@ class CLStrategy(SupervisedTemplate):
             seed=self.seed * 1000 + self.experience.current_experience, drop_last=drop_last)
         self.dataloader = loaders.Rebatched(
             self.adapted_dataset, sampler, self.num_workers, pin_memory=self.device.type == "cuda",
-            continuous=True)
+            continuous=True, chunk=None)
 
     def criterion(self):
         if not self.is_training:

@@ -3,7 +3,11 @@
 1. evaluation: whole 256-image batches per worker vs the same batches decoded in 32-image chunks
    (``clbench.loaders.Rebatched``);
 2. training (RandomResizedCrop + flip, batch 128): decoding the JPEGs vs reading the decoded-image
-   cache (``clbench.decoded_cache``, what ``clbench run --decoded-cache`` uses).
+   cache (``clbench.decoded_cache``, what ``clbench run --decoded-cache`` uses);
+3. transport, the host's share of every training batch: images as float32 (ToTensor) vs uint8
+   (PILToTensor, what the loaders deliver; the model scales them on the device), in whole batches
+   vs 32-image chunks, through the training loader (``Rebatched``, continuous) from workers that
+   only copy one ready image, so the host's receiving and concatenating is what is timed.
 
     python scripts/bench_loading.py <imagenet-r>/train [--workers N] [--size 224]
 
@@ -18,10 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from clbench.datasets import ImageFiles, list_image_folder, test_transform, train_transform
 from clbench.decoded_cache import DecodedImages, build
+from clbench.distributed import ShardedBatchSampler
 from clbench.evaluation import _SeenBatches
 from clbench.loaders import Rebatched
 
@@ -48,6 +54,26 @@ def train_rate(data, workers: int) -> float:
     return best_rate(loader, len(data))
 
 
+class ReadyImage(Dataset):
+    """One ready image, copied per item: workers cost next to nothing."""
+
+    def __init__(self, n: int, size: int, dtype: torch.dtype):
+        self.n, self.image = n, torch.randint(0, 256, (3, size, size), dtype=torch.uint8).to(dtype)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.image.clone(), i % 10
+
+
+def transport_rate(dtype: torch.dtype, chunk: int | None, workers: int, size: int) -> float:
+    data = ReadyImage(128 * 24, size, dtype)
+    loader = Rebatched(data, ShardedBatchSampler(len(data), 128, seed=0), workers,
+                       pin_memory=torch.cuda.is_available(), continuous=True, chunk=chunk)
+    return best_rate(loader, len(data))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
@@ -67,6 +93,12 @@ def main() -> None:
         jpeg, cached = train_rate(train, args.workers), train_rate(decoded, args.workers)
     print(f"training, {len(files)} images, {args.workers} workers: JPEG {jpeg:.0f} img/s, "
           f"decoded cache {cached:.0f} img/s ({cached / jpeg:.2f}x; cache built once in {built:.1f}s)")
+    rates = {(dtype, chunk): transport_rate(dtype, chunk, args.workers, args.size)
+             for dtype in (torch.float32, torch.uint8) for chunk in (32, None)}
+    base = rates[torch.float32, 32]
+    print(f"transport, training loader, {args.workers} workers, batch 128 of {args.size}px: " + ", ".join(
+        f"{str(dtype).split('.')[1]} {'whole batches' if chunk is None else f'{chunk}-image chunks'} "
+        f"{rate:.0f} img/s ({rate / base:.2f}x)" for (dtype, chunk), rate in rates.items()))
 
 
 if __name__ == "__main__":

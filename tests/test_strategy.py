@@ -21,3 +21,23 @@ def test_an_exception_in_a_bf16_step_leaves_no_autocast_behind():
         strategy.train(tensor_stream(4, 2, 4).train[0])
     assert not torch.is_autocast_enabled("cpu")
     assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_uint8_images_reach_the_backbone_as_exactly_totensors_values():
+    """Image loaders deliver PILToTensor's uint8; the model must see ToTensor's float32 bits."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from clbench.strategy import CLModel
+    from helpers import DIM
+
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pixels.reshape(-1)[:256] = np.arange(256)  # every value at least once
+    image = Image.fromarray(pixels)
+    as_uint8, as_float = T.PILToTensor()(image)[None], T.ToTensor()(image)[None]
+    assert as_uint8.dtype == torch.uint8
+    for mean, std in ((None, None), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))):
+        model = CLModel(tiny_vit(), DIM, mean, std)
+        assert torch.equal(model.normalize(as_uint8), model.normalize(as_float))
+        assert torch.equal(model.features(as_uint8), model.features(as_float))
