@@ -7,6 +7,10 @@ from them, so every sample is bit-identical to the JPEG path for the same random
 augmentation distribution is untouched, only the decode cost goes. The price is disk (width ×
 height × 3 bytes per image, in the data root's ``.decoded/`` folder, keyed by the split's file
 list) and one decoding pass, done with all cores the first time.
+
+A fixed transform (the test transform: Resize, CenterCrop, PILToTensor) is applied once too: its
+output is what gets stored, so an evaluation reads ready uint8 tensors (3 × S × S bytes each) and
+does no image work at all. Any random step keeps the image stored as decoded pixels.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from clbench.datasets import ImageFiles
 
@@ -29,27 +34,53 @@ def _size(path: Path) -> tuple[int, int]:
         return image.size  # header only: no decoding
 
 
-def _decode(job) -> None:
-    path, pixels_file, offset, n_bytes = job
+def fixed_uint8(transform) -> bool:
+    """Whether ``transform`` is a fixed function of the image giving a uint8 tensor of one size
+    (Resize, CenterCrop, PILToTensor): then its output can be stored instead of the pixels."""
+    from torchvision import transforms as T
+
+    steps = getattr(transform, "transforms", [transform])
+    return (all(isinstance(t, (T.Resize, T.CenterCrop, T.PILToTensor)) for t in steps)
+            and any(isinstance(t, T.CenterCrop) for t in steps)
+            and isinstance(steps[-1], T.PILToTensor))
+
+
+def _stored(path: Path, transform) -> np.ndarray:
+    """What the cache holds for one image: its RGB pixels (H×W×3), or ``transform``'s output."""
     from PIL import Image
 
     with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    pixels = np.memmap(pixels_file, dtype=np.uint8, mode="r+", offset=offset, shape=(n_bytes,))
-    pixels[:] = rgb.reshape(-1)
+        rgb = image.convert("RGB")
+    if transform is None:
+        return np.asarray(rgb, dtype=np.uint8)
+    return transform(rgb).numpy()
+
+
+def _decode(job) -> None:
+    path, transform, pixels_file, offset, shape = job
+    stored = _stored(path, transform)
+    if list(stored.shape) != shape:
+        raise RuntimeError(f"decoded cache: {path} gave shape {list(stored.shape)}, not {shape}")
+    pixels = np.memmap(pixels_file, dtype=np.uint8, mode="r+", offset=offset,
+                       shape=(stored.size,))
+    pixels[:] = stored.reshape(-1)
     pixels.flush()
 
 
-def _key(images: ImageFiles) -> str:
+def _key(images: ImageFiles, transform) -> str:
     digest = hashlib.sha256(str(images.root.resolve()).encode())
     for name in images.files:
         digest.update(name.encode() + b"\0")
+    if transform is not None:
+        digest.update(b"transformed\0" + repr(transform).encode())
     return digest.hexdigest()[:16]
 
 
-def build(images: ImageFiles, folder: Path, processes: int) -> Path:
-    """Decode every image of ``images`` into ``folder/<key>/`` (once); returns that folder."""
-    target = folder / _key(images)
+def build(images: ImageFiles, folder: Path, processes: int, transformed: bool = False) -> Path:
+    """Decode every image of ``images`` into ``folder/<key>/`` (once); returns that folder. With
+    ``transformed``, store the output of the images' own (fixed) transform instead."""
+    transform = images.transform if transformed else None
+    target = folder / _key(images, transform)
     if (target / "index.json").exists():
         return target
     partial = folder / f".partial-{target.name}-{os.getpid()}"
@@ -57,16 +88,20 @@ def build(images: ImageFiles, folder: Path, processes: int) -> Path:
     partial.mkdir(parents=True)
     paths = [images.root / name for name in images.files]
     with Pool(processes) as pool:
-        sizes = pool.map(_size, paths, chunksize=64)
-        n_bytes = [w * h * 3 for w, h in sizes]
+        if transform is None:
+            shapes = [[h, w, 3] for w, h in pool.map(_size, paths, chunksize=64)]
+        else:  # one output size for every image (CenterCrop)
+            shapes = [list(_stored(paths[0], transform).shape)] * len(paths) if paths else []
+        n_bytes = [int(np.prod(shape)) for shape in shapes]
         offsets = np.concatenate([[0], np.cumsum(n_bytes)[:-1]]).astype(np.int64).tolist()
         pixels_file = partial / "pixels.u8"
         np.memmap(pixels_file, dtype=np.uint8, mode="w+", shape=(max(sum(n_bytes), 1),)).flush()
-        jobs = [(p, pixels_file, o, n) for p, o, n in zip(paths, offsets, n_bytes)]
+        jobs = [(p, transform, pixels_file, o, shape)
+                for p, o, shape in zip(paths, offsets, shapes)]
         for _ in pool.imap_unordered(_decode, jobs, chunksize=16):
             pass
     index = {"root": str(images.root), "files": len(paths), "offsets": offsets,
-             "shapes": [[h, w, 3] for w, h in sizes]}
+             "shapes": shapes, "transformed": transform is not None}
     (partial / "index.json").write_text(json.dumps(index))
     try:
         partial.rename(target)  # complete or absent, never half-written
@@ -83,6 +118,7 @@ class DecodedImages:
         if index["files"] != len(images.files):
             raise RuntimeError(f"decoded cache {cache} does not match its image list")
         self.targets, self.transform = images.targets, images.transform
+        self.transformed = index.get("transformed", False)
         self.offsets, self.shapes = index["offsets"], index["shapes"]
         self.pixels_file = cache / "pixels.u8"
         self._pixels = None  # opened lazily in each loader worker (a memmap must not be pickled)
@@ -93,18 +129,19 @@ class DecodedImages:
     def __getstate__(self):
         return {**self.__dict__, "_pixels": None}
 
-    def image(self, index: int):
-        from PIL import Image
-
+    def _array(self, index: int) -> np.ndarray:
         if self._pixels is None:
             self._pixels = np.memmap(self.pixels_file, dtype=np.uint8, mode="r")
         shape = self.shapes[index]
         start = self.offsets[index]
-        flat = self._pixels[start:start + shape[0] * shape[1] * 3]
-        return Image.fromarray(np.asarray(flat).reshape(shape))  # H×W×3 uint8: RGB
+        return np.array(self._pixels[start:start + int(np.prod(shape))]).reshape(shape)
 
     def __getitem__(self, index: int):
-        return self.transform(self.image(index)), self.targets[index]
+        if self.transformed:  # the transform's output itself
+            return torch.from_numpy(self._array(index)), self.targets[index]
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self._array(index))), self.targets[index]
 
 
 def attach(split, folder: Path, processes: int, log=print):
@@ -115,6 +152,8 @@ def attach(split, folder: Path, processes: int, log=print):
         return split
     for name, part in parts.items():
         if isinstance(part, ImageFiles):
-            log(f"decoded cache ({name}): {folder}")
-            setattr(split, name, DecodedImages(part, build(part, folder, processes)))
+            transformed = fixed_uint8(part.transform)
+            log(f"decoded cache ({name}{', after its fixed transform' if transformed else ''}): "
+                f"{folder}")
+            setattr(split, name, DecodedImages(part, build(part, folder, processes, transformed)))
     return split

@@ -1,7 +1,8 @@
 """Data loading, side by side on one image tree (class sub-folders of JPEGs):
 
 1. evaluation: whole 256-image batches per worker vs the same batches decoded in 32-image chunks
-   (``clbench.loaders.Rebatched``);
+   (``clbench.loaders.Rebatched``), and the chunks read from ``--decoded-cache``'s stored test
+   tensors (the fixed test transform applied once);
 2. training (RandomResizedCrop + flip, batch 128): decoding the JPEGs vs reading the decoded-image
    cache (``clbench.decoded_cache``, what ``clbench run --decoded-cache`` uses);
 3. transport, the host's share of every training batch: images as float32 (ToTensor) vs uint8
@@ -83,10 +84,13 @@ def main() -> None:
     files, targets, _ = list_image_folder(args.folder)
     test = ImageFiles(args.folder, files, targets, test_transform(args.size))
     whole, chunked = eval_rate(test, args.workers, 256), eval_rate(test, args.workers, 32)
-    print(f"evaluation, {len(files)} images, {args.workers} workers: whole batches {whole:.0f} "
-          f"img/s, 32-image chunks {chunked:.0f} img/s ({chunked / whole:.2f}x)")
     train = ImageFiles(args.folder, files, targets, train_transform(args.size))
     with tempfile.TemporaryDirectory() as cache:
+        ready = DecodedImages(test, build(test, Path(cache), max(args.workers, 1), transformed=True))
+        stored = eval_rate(ready, args.workers, 32)
+        print(f"evaluation, {len(files)} images, {args.workers} workers: whole batches {whole:.0f} "
+              f"img/s, 32-image chunks {chunked:.0f} img/s ({chunked / whole:.2f}x), stored test "
+              f"tensors {stored:.0f} img/s ({stored / whole:.2f}x)")
         began = time.perf_counter()
         decoded = DecodedImages(train, build(train, Path(cache), max(args.workers, 1)))
         built = time.perf_counter() - began

@@ -6,7 +6,7 @@ import torch
 from clbench.benchmark import SplitData
 from clbench.datasets import ImageFiles, train_transform
 from clbench.datasets import test_transform as eval_transform
-from clbench.decoded_cache import DecodedImages, attach, build
+from clbench.decoded_cache import DecodedImages, attach, build, fixed_uint8
 from fixtures_data import image_tree
 
 
@@ -50,3 +50,19 @@ def test_run_flag_on_a_benchmark_without_files_is_a_no_op(cli, tmp_path, tiny_ch
                          "--name", "d", "--no-report")
     assert code == 0, err
     assert "already decoded in memory" in out
+
+
+def test_a_fixed_transform_is_stored_applied_and_gives_the_same_items(tmp_path):
+    names = _files(tmp_path, 40)
+    targets = [i % 3 for i in range(len(names))]
+    test = ImageFiles(tmp_path / "imgs", names, targets, eval_transform(16))
+    train = ImageFiles(tmp_path / "imgs", names, targets, train_transform(16))
+    assert fixed_uint8(test.transform) and not fixed_uint8(train.transform)
+    split = attach(SplitData(train, test, {}), tmp_path / "cache", 2, log=lambda *a: None)
+    assert split.test.transformed and not split.train.transformed
+    stored = split.test.pixels_file.stat().st_size
+    assert stored == len(names) * 3 * 16 * 16  # the 16-px crops, not the 40-px images
+    for i in range(len(names)):
+        expected, label = test[i]
+        got, cached_label = split.test[i]
+        assert got.dtype == torch.uint8 and torch.equal(got, expected) and label == cached_label
