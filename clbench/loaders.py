@@ -8,9 +8,10 @@ order, so the model sees exactly the sampler's batches; with ``continuous=True``
 runs over epoch after epoch, and the workers prefetch the next epoch while the current one
 trains. Without workers both are plain iteration over the same batches.
 
-Evaluation uses chunks (a few large batches per pass). Training uses whole batches
-(``chunk=None``) with ``continuous=True``: the stream already keeps the workers busy, and
-concatenating chunks costs the host a copy of every batch (``scripts/bench_loading.py``).
+Chunking decides which worker draws which sample's random augmentation, so it is part of what
+a run computes: training and evaluation both use 32-image chunks. (Whole batches would spare the
+host one copy per batch, ``scripts/bench_loading.py`` "transport", but would change every
+augmented run's draws.)
 """
 from __future__ import annotations
 

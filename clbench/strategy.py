@@ -243,7 +243,7 @@ class CLStrategy(SupervisedTemplate):
             seed=self.seed * 1000 + self.experience.current_experience, drop_last=drop_last)
         self.dataloader = loaders.Rebatched(
             self.adapted_dataset, sampler, self.num_workers, pin_memory=self.device.type == "cuda",
-            continuous=True, chunk=None)
+            continuous=True)
 
     def criterion(self):
         if not self.is_training:

@@ -67,9 +67,13 @@ class RanPACConfig(AdapterConfig):
 
 
 def holdout_mask(images: torch.Tensor) -> torch.Tensor:
-    """True for the ≈20 % of images used to choose λ: an exact integer hash of the pixels, so
-    the same pixels always fall on the same side whatever the batch they arrive in."""
-    pixels = torch.round(images.detach().float().flatten(1).cpu() * 255).to(torch.int64)
+    """True for the ≈20 % of images used to choose λ: an exact integer hash of the pixels (uint8
+    as loaded, or ToTensor's floats scaled back to them), so the same pixels always fall on the
+    same side whatever the batch they arrive in."""
+    pixels = images.detach().flatten(1).cpu()
+    if pixels.dtype != torch.uint8:
+        pixels = torch.round(pixels.float() * 255)
+    pixels = pixels.to(torch.int64)
     weights = torch.randint(1, 2**20, (pixels.shape[1],),
                             generator=torch.Generator().manual_seed(1993))
     return torch.remainder((pixels * weights).sum(1), 1000) < HOLDOUT_PERMILLE

@@ -99,9 +99,12 @@ def test_result_does_not_depend_on_batch_order():
     reversed_loader = DataLoader(Subset(dataset, list(range(len(dataset)))[::-1]), batch_size=3)
     strategy.accumulate_and_solve(reversed_loader)
     assert strategy.ridges[-1] == ridge
-    # equal up to the float32 rounding of features computed in batches of another size
-    assert torch.allclose(strategy.gram, gram, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(strategy.weights, weights, rtol=1e-4, atol=1e-5)
+    # equal up to the float32 rounding of features computed in batches of another size, relative
+    # to each matrix's scale (2e-7 and 2e-5 seen; one image more or less moves them by percents)
+    def close(a, b, tolerance):
+        return float((a - b).abs().max()) <= tolerance * float(b.abs().max())
+
+    assert close(strategy.gram, gram, 1e-6) and close(strategy.weights, weights, 1e-4)
 
 
 def test_resume_continues_identically():
@@ -141,3 +144,9 @@ def test_statistics_over_two_gloo_processes_match_one_process(tmp_path, tiny_che
             # features of other batch compositions round differently: a borderline sample may flip
             assert all(abs(a - b) <= 2 for a, b in zip(row_single, row_ddp)), method
         assert ddp["method_info"] == single["method_info"], method  # same λ per task
+
+
+def test_holdout_is_the_same_for_uint8_pixels_and_their_totensor_values():
+    """Image loaders deliver uint8; a run must hold out the images ToTensor's floats would."""
+    pixels = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(holdout_mask(pixels), holdout_mask(pixels.float().div(255)))
