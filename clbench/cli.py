@@ -25,8 +25,7 @@ def _csv(kind):
 
 # `run` flags that define what is computed: with --resume the stored plan decides them.
 PLAN_FLAGS = ("methods", "bench", "tasks", "seeds", "backbone", "checkpoint", "epochs", "batch_size",
-              "lr", "data_dir", "overrides", "plugins", "name", "precision", "workers", "out",
-              "download")
+              "lr", "data_dir", "overrides", "plugins", "name", "precision", "out", "download")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -65,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE_OR_MODULE",
                      help="python file or module that registers methods/benchmarks")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    run.add_argument("--workers", type=int, default=0,
+                     help="data-loader worker processes (changes no number: augmentation is seeded per sample)")
     run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     run.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None,
                      help="bf16 autocast (default on CUDA), tf32, or fp32 (default on CPU)")
@@ -153,6 +153,8 @@ def plan_from_args(args):
         plan = load_plan(args.resume)
         plan.device, plan.wandb = args.device, args.wandb
         plan.decoded_cache = args.decoded_cache
+        if args.workers != defaults.workers:
+            plan.workers = args.workers
         return plan
     methods = None if args.methods in (None, "all") else [m.strip() for m in args.methods.split(",")]
     name = args.name or f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -63,10 +63,14 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
     """Global batches from a permutation seeded by (seed, epoch); rank r takes slice r of each.
 
     With one process this is plain shuffled mini-batching, so single- and multi-process runs see
-    the same global batches."""
+    the same global batches. With ``draw_seeds``, every item is ``(index, seed)``: the seed of
+    that sample's random augmentation in this epoch (``clbench.loaders.SeededDraws``), drawn
+    from the same (seed, epoch) generator, so it is the same in every process."""
 
-    def __init__(self, n_samples: int, batch_size: int, seed: int, drop_last: bool = False):
+    def __init__(self, n_samples: int, batch_size: int, seed: int, drop_last: bool = False,
+                 draw_seeds: bool = False):
         self.n_samples, self.batch_size, self.seed, self.drop_last = n_samples, batch_size, seed, drop_last
+        self.draw_seeds = draw_seeds
         self.epoch = 0
 
     def __len__(self):
@@ -77,6 +81,9 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
         self.epoch += 1
         order = torch.randperm(self.n_samples, generator=generator).tolist()
+        if self.draw_seeds:  # drawn after the permutation: the batches stay the same
+            seeds = torch.randint(2**62, (self.n_samples,), generator=generator).tolist()
+            order = [(i, seeds[i]) for i in order]
         size, me = world_size(), rank()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = order[start:start + self.batch_size]

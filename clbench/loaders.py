@@ -8,20 +8,48 @@ order, so the model sees exactly the sampler's batches; with ``continuous=True``
 runs over epoch after epoch, and the workers prefetch the next epoch while the current one
 trains. Without workers both are plain iteration over the same batches.
 
-Chunking decides which worker draws which sample's random augmentation, so it is part of what
-a run computes: training and evaluation both use 32-image chunks. (Whole batches would spare the
-host one copy per batch, ``scripts/bench_loading.py`` "transport", but would change every
-augmented run's draws.)
+Evaluation uses chunks (a few large batches per pass). Training streams whole batches
+(``chunk=None``): the continuous stream already keeps the workers busy, and concatenating
+chunks would cost the host a copy of every batch (``scripts/bench_loading.py`` "transport").
+Neither choice changes a number: ``SeededDraws`` gives every training sample its own random
+state, so the augmentation does not depend on which worker (or process) loads the sample.
 """
 from __future__ import annotations
 
 import collections
 import itertools
+import random
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 CHUNK = 32  # samples a worker decodes per request
+
+
+class SeededDraws(Dataset):
+    """Items ``(index, seed)`` (``ShardedBatchSampler(draw_seeds=True)``): ``dataset[index]`` with
+    torch's and Python's random generators seeded by ``seed`` (what torchvision's random
+    transforms draw from) and restored afterwards. A sample's crop and flip then depend on the
+    run's seed, the epoch and the sample only: not on the worker count, the chunking, the process
+    in a DDP run, or the order in which workers happen to load samples."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        generator = torch.default_generator  # torch.manual_seed would also visit every device
+        torch_state, python_state = generator.get_state(), random.getstate()
+        generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(torch_state)
+            random.setstate(python_state)
 
 
 class _Chunks(Sampler):

@@ -19,8 +19,8 @@ from clbench.registry import BENCHMARKS, METHODS, load_plugins
 from clbench.results import read_json
 
 # Plan fields that do not change any number: a run may be continued with other values of these.
-# (The worker count is a setting: random augmentations draw from per-worker generators.)
-NOT_SETTINGS = ("run_dir", "device", "wandb", "download", "decoded_cache")
+# (The worker count is one: every training sample's augmentation has its own seed.)
+NOT_SETTINGS = ("run_dir", "device", "wandb", "download", "decoded_cache", "workers")
 
 
 @dataclass

@@ -236,14 +236,17 @@ class CLStrategy(SupervisedTemplate):
             self.train_epochs = 0
 
     def make_train_dataloader(self, drop_last=False, **kwargs):
-        """Shuffled by a sampler seeded from (seed, task, epoch), sharded over ranks: resumed and
-        multi-process runs see the same global batches as an uninterrupted single process."""
+        """Shuffled by a sampler seeded from (seed, task, epoch), sharded over ranks, with every
+        sample's augmentation seeded from the same: resumed and multi-process runs, and runs with
+        any number of loader workers, see the same global batches as an uninterrupted single
+        process."""
         sampler = distributed.ShardedBatchSampler(
             len(self.adapted_dataset), self.train_mb_size,
-            seed=self.seed * 1000 + self.experience.current_experience, drop_last=drop_last)
+            seed=self.seed * 1000 + self.experience.current_experience, drop_last=drop_last,
+            draw_seeds=True)
         self.dataloader = loaders.Rebatched(
-            self.adapted_dataset, sampler, self.num_workers, pin_memory=self.device.type == "cuda",
-            continuous=True)
+            loaders.SeededDraws(self.adapted_dataset), sampler, self.num_workers,
+            pin_memory=self.device.type == "cuda", continuous=True, chunk=None)
 
     def criterion(self):
         if not self.is_training:

@@ -38,3 +38,42 @@ def test_rebatched_gives_the_plain_loaders_batches(workers, continuous):
     assert _epochs(ours, 4, stop_early_at=1) == expected
     assert len(ours) == 4 and [len(b[0]) for b in expected[0]] == [16, 16, 16, 5]
     assert sorted(i for b in expected[2] for i in b[0]) == list(range(len(data)))  # a permutation
+
+
+def _augmented_epochs(folder, names, workers, chunk, seeded=True, epochs=2):
+    from clbench.datasets import ImageFiles, train_transform
+    from clbench.loaders import SeededDraws
+
+    images = ImageFiles(folder, names, [0] * len(names), train_transform(8))
+    data = SeededDraws(images) if seeded else images
+    sampler = ShardedBatchSampler(len(images), 6, seed=5, draw_seeds=seeded)
+    loader = Rebatched(data, sampler, workers, pin_memory=False, continuous=True, chunk=chunk)
+    torch.manual_seed(0)
+    return [torch.cat([x for x, _ in loader]) for _ in range(epochs)]
+
+
+def test_augmentation_draws_depend_on_the_sample_not_on_workers_or_chunks(tmp_path):
+    """RandomResizedCrop + flip give the same crops whatever the worker count and chunking."""
+    from fixtures_data import image_tree
+
+    names = image_tree(tmp_path, ["a", "b"], 7, 24, seed=3)
+    reference = _augmented_epochs(tmp_path, names, workers=0, chunk=None)
+    for workers, chunk in ((2, None), (2, 4), (1, 1)):
+        got = _augmented_epochs(tmp_path, names, workers, chunk)
+        assert all(torch.equal(a, b) for a, b in zip(got, reference)), (workers, chunk)
+    # the draws are random: another epoch crops the same images differently
+    assert not torch.equal(reference[0], reference[1])
+    # and without per-sample seeds they would depend on the workers (what this guards against)
+    unseeded = [_augmented_epochs(tmp_path, names, w, None, seeded=False) for w in (0, 2)]
+    assert not torch.equal(unseeded[0][0], unseeded[1][0])
+
+
+def test_seeded_draws_leave_the_callers_random_state_alone():
+    from clbench.loaders import SeededDraws
+
+    data = SeededDraws(Images(torch.zeros(4, 1, 2, 2), torch.arange(4)))
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    data[(2, 12345)]
+    assert torch.equal(torch.rand(3), expected)
