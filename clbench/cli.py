@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE_OR_MODULE",
                      help="python file or module that registers methods/benchmarks")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--workers", type=int, default=0,
-                     help="data-loader worker processes (changes no number: augmentation is seeded per sample)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="data-loader worker processes (default: all cores on a GPU, 0 on a CPU; "
+                          "changes no number: augmentation is seeded per sample)")
     run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     run.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None,
                      help="bf16 autocast (default on CUDA), tf32, or fp32 (default on CPU)")
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--plugin", dest="plugins", action="append", default=[])
     sweep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    sweep.add_argument("--workers", type=int, default=0)
+    sweep.add_argument("--workers", type=int, default=None)
     sweep.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     sweep.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None)
     sweep.add_argument("--no-wait", action="store_true", help="submit and return without waiting")

@@ -42,7 +42,7 @@ class RunPlan:
     data_dir: str | None = None
     download: bool = False
     device: str = "auto"
-    workers: int = 0
+    workers: int | None = None  # None: all cores on a GPU, 0 on a CPU (``runner.loader_workers``)
     wandb: str = "disabled"
     precision: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     decoded_cache: bool = False   # serve image files from a decoded-pixel cache (same samples)
@@ -79,7 +79,8 @@ def check_budget(plan: RunPlan) -> None:
          f"--batch-size {plan.batch_size}: give at least 1"),
         (plan.lr is not None and not (math.isfinite(plan.lr) and plan.lr > 0),
          f"--lr {plan.lr}: give a positive finite learning rate"),
-        (plan.workers < 0, f"--workers {plan.workers}: give 0 (load in the main process) or more"),
+        (plan.workers is not None and plan.workers < 0,
+         f"--workers {plan.workers}: give 0 (load in the main process) or more"),
         (any(s < 0 for s in plan.seeds), f"--seeds {plan.seeds}: seeds are non-negative integers"),
     ]
     for failed, message in checks:

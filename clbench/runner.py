@@ -146,6 +146,18 @@ def check_shards(stream, batch_size: int) -> None:
                     f"{batch_size}; choose another --batch-size or --nproc")
 
 
+def loader_workers(requested: int | None, device) -> int:
+    """``--workers``, or by default: on a GPU every core this process may use (shared among the
+    node's DDP processes), since a JPEG pipeline needs them all to keep up; on a CPU none, where
+    workers would only take cores from the model. Either way no number changes."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max((cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
 def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, log) -> Path:
     from clbench import distributed
     from clbench.progress import ProgressPlugin
@@ -166,13 +178,14 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
     check_shards(stream, job.config.batch_size)
     seed_everything(job.seed)
     model = CLModel(copy.deepcopy(loaded.model), loaded.feature_dim, loaded.spec.mean, loaded.spec.std)
+    workers = loader_workers(plan.workers, device)
     strategy = job.strategy_cls(model=model, config=job.config, context=job.context, device=device,
-                                plugins=[ProgressPlugin()], num_workers=plan.workers, seed=job.seed)
+                                plugins=[ProgressPlugin()], num_workers=workers, seed=job.seed)
     config = {
         "method": job.method, "benchmark": benchmark.name, "n_tasks": n_tasks, "seed": job.seed,
         "hparams": hparams.as_dict(job.config), "benchmark_config": hparams.as_dict(benchmark.config),
         "backbone": loaded.describe(), "class_order": class_order, "split": split.identity,
-        "device": str(device), "precision": job.context.precision, "workers": plan.workers,
+        "device": str(device), "precision": job.context.precision, "workers": workers,
         "reference": getattr(job.strategy_cls, "reference", None), **environment(),
     }
     checkpoint_path = job.out_dir / "checkpoint.pt"

@@ -77,3 +77,17 @@ def test_seeded_draws_leave_the_callers_random_state_alone():
     torch.manual_seed(1)
     data[(2, 12345)]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_default_worker_count_is_all_cores_on_a_gpu_and_none_on_a_cpu(monkeypatch):
+    import os
+
+    from clbench.runner import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert (loader_workers(None, cuda), loader_workers(None, cpu)) == (16, 0)
+    assert (loader_workers(3, cuda), loader_workers(3, cpu)) == (3, 3)  # what the user asked
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4: a quarter each
+    assert loader_workers(None, cuda) == 4
