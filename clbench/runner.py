@@ -146,13 +146,15 @@ def check_shards(stream, batch_size: int) -> None:
                     f"{batch_size}; choose another --batch-size or --nproc")
 
 
-def loader_workers(requested: int | None, device) -> int:
-    """``--workers``, or by default: on a GPU every core this process may use (shared among the
-    node's DDP processes), since a JPEG pipeline needs them all to keep up; on a CPU none, where
-    workers would only take cores from the model. Either way no number changes."""
+def loader_workers(requested: int | None, device, split) -> int:
+    """``--workers``, or by default: for image pipelines (datasets with a ``transform``) on a GPU,
+    every core this process may use (shared among the node's DDP processes), since a JPEG
+    pipeline needs them all to keep up; none on a CPU, where workers would only take cores from
+    the model, nor for tensors already in memory. Either way no number changes."""
     if requested is not None:
         return requested
-    if device.type != "cuda":
+    pipeline = any(getattr(part, "transform", None) is not None for part in (split.train, split.test))
+    if device.type != "cuda" or not pipeline:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max((cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
@@ -178,7 +180,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
     check_shards(stream, job.config.batch_size)
     seed_everything(job.seed)
     model = CLModel(copy.deepcopy(loaded.model), loaded.feature_dim, loaded.spec.mean, loaded.spec.std)
-    workers = loader_workers(plan.workers, device)
+    workers = loader_workers(plan.workers, device, split)
     strategy = job.strategy_cls(model=model, config=job.config, context=job.context, device=device,
                                 plugins=[ProgressPlugin()], num_workers=workers, seed=job.seed)
     config = {

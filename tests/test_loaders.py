@@ -84,10 +84,17 @@ def test_default_worker_count_is_all_cores_on_a_gpu_and_none_on_a_cpu(monkeypatc
 
     from clbench.runner import loader_workers
 
+    from types import SimpleNamespace
+
+    from clbench.datasets import ImageFiles, test_transform
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert (loader_workers(None, cuda), loader_workers(None, cpu)) == (16, 0)
-    assert (loader_workers(3, cuda), loader_workers(3, cpu)) == (3, 3)  # what the user asked
+    files = ImageFiles(".", [], [], test_transform(16))
+    jpegs, tensors = SimpleNamespace(train=files, test=files), SimpleNamespace(train=_data(), test=_data())
+    assert (loader_workers(None, cuda, jpegs), loader_workers(None, cpu, jpegs)) == (16, 0)
+    assert loader_workers(None, cuda, tensors) == 0  # already in memory: nothing to decode
+    assert (loader_workers(3, cuda, jpegs), loader_workers(3, cpu, tensors)) == (3, 3)  # as asked
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4: a quarter each
-    assert loader_workers(None, cuda) == 4
+    assert loader_workers(None, cuda, jpegs) == 4
