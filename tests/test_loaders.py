@@ -98,3 +98,17 @@ def test_default_worker_count_is_all_cores_on_a_gpu_and_none_on_a_cpu(monkeypatc
     assert (loader_workers(3, cuda, jpegs), loader_workers(3, cpu, tensors)) == (3, 3)  # as asked
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4: a quarter each
     assert loader_workers(None, cuda, jpegs) == 4
+
+
+def test_each_ddp_rank_gets_the_single_process_seeds_of_its_samples(monkeypatch):
+    from clbench import distributed
+
+    single = list(ShardedBatchSampler(23, 8, seed=4, draw_seeds=True))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    ranks = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        ranks.append(list(ShardedBatchSampler(23, 8, seed=4, draw_seeds=True)))
+    for whole, mine, theirs in zip(single, *ranks):
+        assert sorted(mine + theirs) == sorted(whole) and mine == whole[0::2]
+    assert len({seed for batch in single for _, seed in batch}) == 23  # one seed per sample
