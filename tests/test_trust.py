@@ -203,13 +203,13 @@ def test_sweep_slurm_without_slurm_writes_nothing(cli, tmp_path, monkeypatch):
 
 def test_the_worker_count_changes_no_number_on_augmented_images(cli, tmp_path):
     """A JPEG benchmark with random crops and flips: 0 and 2 loader workers, the same counts."""
+    import torch
+
     from clbench.perf import jpeg_tree
 
     jpeg_tree.generate(tmp_path / "data", jpeg_tree.TreeSpec(
         classes=4, train_per_class=10, test_per_class=4, side=40), processes=1)
-    import torch
-
-    counts, weights = [], []
+    counts, checkpoints = [], []
     for workers in (0, 2):
         code, _, err = cli(
             "run", "--plugin", "clbench.perf.synthetic_bench", "--bench", "imagenet-r-synthetic",
@@ -220,22 +220,10 @@ def test_the_worker_count_changes_no_number_on_augmented_images(cli, tmp_path):
         [path] = (tmp_path / "runs" / f"w{workers}").rglob("results.json")
         result = json.loads(path.read_text())
         counts.append((result["correct"], result["total"]))
-        weights.append(torch.load(path.parent / "checkpoint.pt", weights_only=True))
+        checkpoints.append(torch.load(path.parent / "checkpoint.pt", weights_only=True))
     assert counts[0] == counts[1]
     # the trained weights too, bit for bit: every crop was the same
-    flat = [{k: v for k, v in _tensors(w)} for w in weights]
-    assert flat[0].keys() == flat[1].keys() and len(flat[0]) > 10
-    assert all(torch.equal(flat[0][k], flat[1][k]) for k in flat[0])
-
-
-def _tensors(tree, prefix=""):
-    import torch
-
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _tensors(value, f"{prefix}/{key}")
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from _tensors(value, f"{prefix}/{i}")
+    first, second = (c["model"] for c in checkpoints)
+    assert first.keys() == second.keys() and len(first) > 10
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert checkpoints[0]["state"] == checkpoints[1]["state"]
