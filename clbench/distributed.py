@@ -16,6 +16,14 @@ import torch
 import torch.distributed as dist
 
 
+def all_cores() -> int:
+    """Every core this process may use (its CPU affinity, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -156,8 +156,9 @@ def loader_workers(requested: int | None, device, split) -> int:
     pipeline = any(getattr(part, "transform", None) is not None for part in (split.train, split.test))
     if device.type != "cuda" or not pipeline:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max((cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    from clbench.distributed import all_cores
+
+    return max(all_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
 def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, log) -> Path:

@@ -20,7 +20,6 @@ GPUs: submitit's ``LocalExecutor`` starts every submitted job at once, so clbenc
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import sys
 import time
@@ -67,11 +66,11 @@ def run_cell(plan, threads: int | None = None) -> str:
     """The submitit job: run one (method, benchmark, tasks, seed) plan; returns its results path."""
     import torch
 
+    from clbench.distributed import all_cores
     from clbench.runner import run
 
     if threads:  # the job's share of the cores (SLURM --cpus-per-task, or the local slot)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, min(threads, cores)))
+        torch.set_num_threads(max(1, min(threads, all_cores())))
     return str(run(plan, record_plan=False)[0])
 
 
@@ -196,6 +195,8 @@ def local_slots(args) -> list[tuple[int, ...]]:
     """GPU ids of each concurrent local job (empty tuples on CPU)."""
     import torch
 
+    from clbench.distributed import all_cores
+
     n_gpus = torch.cuda.device_count() if args.device != "cpu" else 0
     if n_gpus and args.gpus_per_run > 0:
         if args.gpus_per_run > n_gpus:
@@ -205,8 +206,7 @@ def local_slots(args) -> list[tuple[int, ...]]:
     else:
         if args.device == "cuda":
             raise UsageError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        slots = [()] * max(1, cores // max(1, args.cpus_per_run))
+        slots = [()] * max(1, all_cores() // max(1, args.cpus_per_run))
     if args.max_parallel:
         slots = [slots[k % len(slots)] for k in range(args.max_parallel)]
     return slots

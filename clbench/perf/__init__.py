@@ -25,7 +25,8 @@ def run_perf(args) -> int:
 
     from clbench.errors import UsageError
     from clbench.perf.options import complete
-    from clbench.perf.timing import all_cores, default_precisions
+    from clbench.distributed import all_cores
+    from clbench.perf.timing import default_precisions
     from clbench.runner import resolve_device
 
     args = complete(args)

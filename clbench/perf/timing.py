@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from clbench.distributed import all_cores
+
 PRECISIONS = ("bf16", "tf32", "fp32")
 
 
@@ -31,14 +33,6 @@ def timed(fn, device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - began
-
-
-def all_cores() -> int:
-    """The worker count a user would give ``--workers``: every core this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def default_precisions(device) -> list[str]:
