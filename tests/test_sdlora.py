@@ -291,19 +291,30 @@ def test_merged_weight_equivalence_q_v_and_k_untouched():
         assert torch.equal(adapter.merged_weight()[DIM:2 * DIM], adapter.qkv.weight[DIM:2 * DIM])
 
 
-def test_fast_training_step_matches_low_rank_autograd():
-    """The merged-weight autograd Function gives the same gradients as plain low-rank autograd."""
+def lora_in_task(n_tasks: int, g: torch.Generator):
+    """SD-LoRA after ``n_tasks`` trained tasks, the last one still open (its pair trainable)."""
     _, lora = lora_model()
-    g = torch.Generator().manual_seed(3)
-    for t in range(3):
+    for t in range(n_tasks):
         lora.begin_task(t, 3, "factor_product", reset_magnitudes=True, init=0.8)
         train_pair(lora, g)
-        if t < 2:
+        if t < n_tasks - 1:
             lora.end_task(None, "factor_product")
+    return lora
+
+
+def step_parameters(lora, adapter, x):
+    """What a training step differentiates: the input, the magnitudes and the current pairs."""
+    return [x, lora.magnitudes.alpha] + [p for s in adapter.slices.values() for p in (s.A_cur, s.B_cur)]
+
+
+def test_fast_training_step_matches_low_rank_autograd():
+    """The merged-weight autograd Function gives the same gradients as plain low-rank autograd."""
+    g = torch.Generator().manual_seed(3)
+    lora = lora_in_task(3, g)
     adapter = lora.adapters[1]
     adapter.train()
     x = torch.randn(2, 5, DIM, requires_grad=True)
-    params = [x, lora.magnitudes.alpha] + [p for s in adapter.slices.values() for p in (s.A_cur, s.B_cur)]
+    params = step_parameters(lora, adapter, x)
     upstream = torch.randn(2, 5, 3 * DIM, generator=g)
     fast = torch.autograd.grad(adapter(x), params, upstream)
     slow = torch.autograd.grad(QKVAdapter.unmerged_forward(adapter, x), params, upstream)
@@ -314,16 +325,11 @@ def test_fast_training_step_matches_low_rank_autograd():
 def test_fast_training_step_under_bf16_autocast():
     """The fused step runs under autocast (training precision bf16): gradients keep the
     parameters' dtype and agree with the fp32 ones to bf16 accuracy."""
-    _, lora = lora_model()
     g = torch.Generator().manual_seed(3)
-    for t in range(2):
-        lora.begin_task(t, 3, "factor_product", reset_magnitudes=True, init=0.8)
-        train_pair(lora, g)
-        if t < 1:
-            lora.end_task(None, "factor_product")
+    lora = lora_in_task(2, g)
     adapter = lora.adapters[0]
     x = torch.randn(2, 5, DIM, requires_grad=True)
-    params = [x, lora.magnitudes.alpha] + [p for s in adapter.slices.values() for p in (s.A_cur, s.B_cur)]
+    params = step_parameters(lora, adapter, x)
     upstream = torch.randn(2, 5, 3 * DIM, generator=g)
     exact = torch.autograd.grad(adapter(x), params, upstream)
     with torch.autocast("cpu", dtype=torch.bfloat16):
