@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="python file or module that registers methods/benchmarks")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--workers", type=int, default=None,
-                     help="data-loader worker processes (default: all cores on a GPU, 0 on a CPU; "
-                          "changes no number: augmentation is seeded per sample)")
+                     help="data-loader worker processes (default: all cores for image benchmarks "
+                          "on a GPU, else 0; changes no number: augmentation is seeded per sample)")
     run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     run.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None,
                      help="bf16 autocast (default on CUDA), tf32, or fp32 (default on CPU)")

@@ -42,7 +42,7 @@ class RunPlan:
     data_dir: str | None = None
     download: bool = False
     device: str = "auto"
-    workers: int | None = None  # None: all cores on a GPU, 0 on a CPU (``runner.loader_workers``)
+    workers: int | None = None  # None: ``runner.loader_workers`` decides (all cores for images on a GPU)
     wandb: str = "disabled"
     precision: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     decoded_cache: bool = False   # serve image files from a decoded-pixel cache (same samples)

@@ -170,19 +170,22 @@ from pathlib import Path
 out, has_precision = Path(sys.argv[1]), sys.argv[2] == "1"
 print("== clbench GPU check summary ==")
 print((out / "steps.txt").read_text().strip())
-for name in ("perf_e2e", "perf_e2e_finetune"):
-    e2e_path = out / f"{name}.json"
+for name in ("perf_e2e", "perf_e2e_finetune", "perf_e2e_decoded"):
+    e2e_path, log_path = out / f"{name}.json", out / "logs" / f"{name}.log"
     if not e2e_path.is_file():
-        log_path = out / "logs" / f"{name}.log"
-        log = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
-        print(f"\n[{name}] no figures; the end of its log:\n  " + "\n  ".join(log[-15:]))
+        if log_path.is_file():  # it ran and failed
+            log = log_path.read_text(errors="replace").splitlines()
+            print(f"\n[{name}] no figures; the end of its log:\n  " + "\n  ".join(log[-15:]))
         continue
     e = json.loads(e2e_path.read_text())["e2e"]
     ld = e["loader"]
     print(f"\n[{name}] {e['method']} {e['tasks']} tasks x {e['epochs']} epochs, batch {e['batch']}, "
           f"{e['workers']} workers, tree {e['tree']['n_train']}+{e['tree']['n_test']} JPEGs "
           f"({e['tree']['mean_kb']:.0f} KB, written in {e['tree']['seconds']:.0f}s)")
-    print(f"  loader alone: train {ld['train_images_per_s']:.0f} img/s, test {ld['test_images_per_s']:.0f} img/s")
+    built = ld.get("decoded_cache_build_s")
+    print(f"  loader alone ({ld.get('source', 'JPEG')}): train {ld['train_images_per_s']:.0f} img/s, "
+          f"test {ld['test_images_per_s']:.0f} img/s"
+          + (f" (cache built in {built:.1f}s)" if built is not None else ""))
     for p, r in e["precisions"].items():
         m = r["model"]
         line = f"  {p}: model train {m['train_images_per_s']:.0f} eval {m['eval_images_per_s']:.0f} img/s"
@@ -200,20 +203,6 @@ if profile_log.is_file():
     lines = profile_log.read_text(errors="replace").splitlines()
     start = next((i for i, l in enumerate(lines) if "tottime" in l), len(lines))
     print("\n[profile] main process, by own time:\n" + "\n".join(l[:160] for l in lines[start:start + 28]))
-decoded_path = out / "perf_e2e_decoded.json"
-if decoded_path.is_file():
-    d = json.loads(decoded_path.read_text())["e2e"]
-    ld = d["loader"]
-    print(f"  decoded-cache loader alone: train {ld['train_images_per_s']:.0f} img/s, test "
-          f"{ld['test_images_per_s']:.0f} img/s (cache built in {ld['decoded_cache_build_s']:.1f}s)")
-    for p, r in d["precisions"].items():
-        if "run" in r:
-            run, q, o = r["run"], r["ratios"], r["official_schedule"]
-            print(f"  {p} with --decoded-cache: run train {run['train_images_per_s']:.0f} "
-                  f"({q['train_vs_floor']:.2f}x min) eval {run['eval_images_per_s']:.0f} "
-                  f"({q['eval_vs_floor']:.2f}x min) img/s | official schedule {o['total_min']:.1f} min")
-        else:
-            print(f"  {p} with --decoded-cache: run FAILED: {r.get('error')}")
 loss_path = out / "perf_losscurve.json"
 if loss_path.is_file():
     c = json.loads(loss_path.read_text())["losscurve"]
