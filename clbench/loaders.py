@@ -8,7 +8,8 @@ order, so the model sees exactly the sampler's batches; with ``continuous=True``
 runs over epoch after epoch, and the workers prefetch the next epoch while the current one
 trains. Without workers both are plain iteration over the same batches.
 
-Evaluation uses chunks (a few large batches per pass). Training streams whole batches
+Evaluation uses chunks (a few large batches per pass; ``chunk_for`` sizes them so that every
+worker decodes a part of the first batch). Training streams whole batches
 (``chunk=None``): the continuous stream already keeps the workers busy, and concatenating
 chunks would cost the host a copy of every batch (``scripts/bench_loading.py`` "transport").
 Neither choice changes a number: ``SeededDraws`` gives every training sample its own random
@@ -23,7 +24,14 @@ import random
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-CHUNK = 32  # samples a worker decodes per request
+CHUNK = 32  # samples a worker decodes per request, at most
+
+
+def chunk_for(batch_size: int, workers: int) -> int:
+    """Chunk size for a loader whose passes are short (evaluation): small enough that every worker
+    decodes a part of the first batch, so a pass starts after batch/workers decodes, not CHUNK
+    (``scripts/bench_loading.py``, "first batch"); at most ``CHUNK``."""
+    return max(1, min(CHUNK, -(-batch_size // max(workers, 1))))
 
 
 class SeededDraws(Dataset):

@@ -8,7 +8,10 @@
 3. transport, the host's share of every training batch: images as float32 (ToTensor) vs uint8
    (PILToTensor, what the loaders deliver; the model scales them on the device), in whole batches
    vs 32-image chunks, through the training loader (``Rebatched``, continuous) from workers that
-   only copy one ready image, so the host's receiving and concatenating is what is timed.
+   only copy one ready image, so the host's receiving and concatenating is what is timed;
+4. first batch: a 1,200-image evaluation (batch 256) from ``--latency-workers`` workers (default
+   16, the GPU machine's cores) that each "decode" 120 images/s by sleeping, so it runs as on that
+   machine whatever the cores here: 32-image chunks vs ``clbench.loaders.chunk_for``'s size.
 
     python scripts/bench_loading.py <imagenet-r>/train [--workers N] [--size 224]
 
@@ -30,7 +33,7 @@ from clbench.datasets import ImageFiles, list_image_folder, test_transform, trai
 from clbench.decoded_cache import DecodedImages, build
 from clbench.distributed import ShardedBatchSampler
 from clbench.evaluation import _SeenBatches
-from clbench.loaders import Rebatched
+from clbench.loaders import CHUNK, Rebatched, chunk_for
 
 
 def best_rate(loader, n_images: int) -> float:
@@ -68,6 +71,36 @@ class ReadyImage(Dataset):
         return self.image.clone(), i % 10
 
 
+class SlowImage(ReadyImage):
+    """A ready uint8 image that takes ``seconds`` to load without using a core (a sleep)."""
+
+    def __init__(self, n: int, size: int, seconds: float):
+        super().__init__(n, size, torch.uint8)
+        self.seconds = seconds
+
+    def __getitem__(self, i):
+        time.sleep(self.seconds)
+        return super().__getitem__(i)
+
+
+def first_batch_rates(chunk: int, workers: int, size: int) -> tuple[float, float]:
+    """(seconds to the first batch, images/s of the pass), best of three after a warm-up."""
+    data = SlowImage(1200, size, 1 / 120)
+    sampler = _SeenBatches([len(data)], 256)
+    sampler.n_seen = 1
+    loader = Rebatched(data, sampler, workers, pin_memory=False, chunk=chunk)
+    firsts, passes = [], []
+    for _ in range(4):
+        began = time.perf_counter()
+        batches = iter(loader)
+        next(batches)
+        firsts.append(time.perf_counter() - began)
+        for _batch in batches:
+            pass
+        passes.append(time.perf_counter() - began)
+    return min(firsts[1:]), len(data) / min(passes[1:])
+
+
 def transport_rate(dtype: torch.dtype, chunk: int | None, workers: int, size: int) -> float:
     data = ReadyImage(128 * 24, size, dtype)
     loader = Rebatched(data, ShardedBatchSampler(len(data), 128, seed=0), workers,
@@ -80,6 +113,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--latency-workers", type=int, default=16)
     args = parser.parse_args()
     files, targets, _ = list_image_folder(args.folder)
     test = ImageFiles(args.folder, files, targets, test_transform(args.size))
@@ -103,6 +137,12 @@ def main() -> None:
     print(f"transport, training loader, {args.workers} workers, batch 128 of {args.size}px: " + ", ".join(
         f"{str(dtype).split('.')[1]} {'whole batches' if chunk is None else f'{chunk}-image chunks'} "
         f"{rate:.0f} img/s ({rate / base:.2f}x)" for (dtype, chunk), rate in rates.items()))
+    n = args.latency_workers
+    (first32, rate32), (first, rate) = (first_batch_rates(c, n, args.size)
+                                        for c in (CHUNK, chunk_for(256, n)))
+    print(f"first batch, 1200-image evaluation, {n} workers at 120 img/s each: {CHUNK}-image chunks "
+          f"{first32:.2f}s then {rate32:.0f} img/s; {chunk_for(256, n)}-image chunks (chunk_for) "
+          f"{first:.2f}s then {rate:.0f} img/s ({rate / rate32:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clbench.distributed import ShardedBatchSampler
-from clbench.loaders import Rebatched
+from clbench.loaders import CHUNK, Rebatched, chunk_for
 from helpers import Images
 
 
@@ -25,6 +25,16 @@ def _epochs(loader, passes, stop_early_at=None):
                 break  # a statistics pass that stops early
         seen.append(batches)
     return seen
+
+
+@pytest.mark.parametrize("batch", [1, 10, 64, 256, 1000])
+@pytest.mark.parametrize("workers", [0, 1, 2, 16, 64])
+def test_evaluation_chunks_give_every_worker_part_of_the_first_batch(batch, workers):
+    """No worker decodes more of the first batch than its even share (rounded up), in as few
+    requests as that allows: the first batch waits for batch/workers decodes, not CHUNK."""
+    chunk, share = chunk_for(batch, workers), -(-batch // max(workers, 1))
+    assert 1 <= chunk <= min(CHUNK, share)
+    assert chunk == min(CHUNK, share)  # the largest such chunk: the fewest requests
 
 
 @pytest.mark.parametrize("workers", [0, 2])
