@@ -229,7 +229,10 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         results.total.append(total)
         results.trainable_params.append(strategy.trainable_parameter_count())
         results.forward_passes_per_image = strategy.forward_passes_per_image  # may grow (EASE)
-        results.seconds_per_task.append({"train": trained - began, "eval": evaluated - trained})
+        seconds = {"train": trained - began, "eval": evaluated - trained}
+        if strategy.first_step_at is not None:  # the task took gradient steps
+            seconds["to_first_step"] = strategy.first_step_at - began
+        results.seconds_per_task.append(seconds)
         results.method_info.append(strategy.task_info() if hasattr(strategy, "task_info") else {})
         results.metrics = summarize(results.correct, results.total)
         if task == n_tasks - 1:

@@ -31,7 +31,8 @@ class RunResult:
     trainable_params: list[int] = field(default_factory=list)  # while training each task
     forward_passes_per_image: int = 0
     gflops_per_image: float | None = None                     # counted on the inference path
-    seconds_per_task: list[dict] = field(default_factory=list)  # {"train": s, "eval": s}
+    # {"train": s, "eval": s, "to_first_step": s (setup + the loader's first batch; tasks with steps)}
+    seconds_per_task: list[dict] = field(default_factory=list)
     method_info: list[dict] = field(default_factory=list)     # the method's task_info() per task
     status: str = "running"
     message: str = ""                                         # why it diverged, if it did

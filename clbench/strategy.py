@@ -23,6 +23,7 @@ finiteness check; adapters are merged (``merge()``/``unmerge()``) only while eva
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -144,6 +145,7 @@ class CLStrategy(SupervisedTemplate):
         self.known_classes = 0  # classes of tasks before the current one
         self.scheduler = None
         self._eval_loader = None
+        self.first_step_at = None
         # The pretrained weights as loaded (CPU copy): checkpoints store only what changed.
         # Keyed by the parameter object, which survives methods wrapping modules (renaming keys).
         self._pretrained = {id(p): p.detach().to("cpu", copy=True)
@@ -203,6 +205,7 @@ class CLStrategy(SupervisedTemplate):
     # ----------------------------------------------------------------- template overrides
     def train(self, experiences, eval_streams=None, **kwargs):
         """Avalanche's ``train``; an exception inside a forward pass leaves no autocast behind."""
+        self.first_step_at = None  # perf_counter() at this task's first training step, if any
         try:
             return super().train(experiences, eval_streams, **kwargs)
         finally:
@@ -352,6 +355,10 @@ class CoreHooks(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         strategy._finite = torch.ones((), dtype=torch.bool, device=strategy.device)
+
+    def before_training_iteration(self, strategy, **kwargs):
+        if strategy.first_step_at is None:  # the task's setup and its loader's first batch end here
+            strategy.first_step_at = time.perf_counter()
 
     def before_forward(self, strategy, **kwargs):
         strategy._autocast = strategy.precision_context()

@@ -193,7 +193,8 @@ for name in ("perf_e2e", "perf_e2e_finetune", "perf_e2e_decoded"):
             run, q, o = r["run"], r["ratios"], r["official_schedule"]
             line += (f" | run train {run['train_images_per_s']:.0f} ({q['train_vs_floor']:.2f}x min) "
                      f"eval {run['eval_images_per_s']:.0f} ({q['eval_vs_floor']:.2f}x min) img/s | "
-                     f"official schedule {o['total_min']:.1f} min | run precision {run['run_precision']}"
+                     f"official schedule {o['total_min']:.1f} min | to first step "
+                     f"{run.get('to_first_step_s', 0):.2f}s/task | run precision {run['run_precision']}"
                      f" | seconds per task {[(round(t['train_s'], 1), round(t['eval_s'], 1)) for t in run['tasks']]}")
         else:
             line += f" | run FAILED: {r.get('error')}"

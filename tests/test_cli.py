@@ -50,6 +50,7 @@ def test_run_end_to_end_on_digits(tmp_path, cli, tiny_checkpoint, monkeypatch):
             assert results["classes_per_task"] == [2] * 5
             assert [len(row) for row in results["correct"]] == [1, 2, 3, 4, 5]
             assert sum(results["total"][-1]) == 540  # 30 % of 1,797 digits
+            assert all(0 < s["to_first_step"] < s["train"] for s in results["seconds_per_task"])
             assert results["metrics"] == pytest.approx(summarize(results["correct"], results["total"]))
             config = json.loads((run_dir / "digits-5tasks" / method / f"seed-{seed}" / "config.json").read_text())
             assert config["backbone"]["tag"] == "vit_tiny_patch16_224"

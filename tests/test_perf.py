@@ -114,7 +114,12 @@ def test_e2e_runs_the_cli_and_reports_consistent_rates(tmp_path, capsys):
                                                         for k in range(tasks)]
     assert [t["train_s"] for t in run["tasks"]] == [s["train"] for s in results["seconds_per_task"]]
     steady = run["tasks"][1:]
-    assert run["train_images_per_s"] == pytest.approx(
+    starts = [s["to_first_step"] for s in results["seconds_per_task"]]
+    assert [t["to_first_step_s"] for t in run["tasks"]] == starts
+    assert all(0 < start < t["train_s"] for start, t in zip(starts, run["tasks"]))
+    assert run["train_images_per_s"] == pytest.approx(  # counted from each task's first step
+        sum(t["train_images"] for t in steady) / sum(t["train_s"] - t["to_first_step_s"] for t in steady))
+    assert run["train_images_per_s_with_start"] == pytest.approx(
         sum(t["train_images"] for t in steady) / sum(t["train_s"] for t in steady))
     assert run["eval_images_per_s"] == pytest.approx(
         sum(t["eval_images"] for t in steady) / sum(t["eval_s"] for t in steady))
@@ -127,7 +132,8 @@ def test_e2e_runs_the_cli_and_reports_consistent_rates(tmp_path, capsys):
         assert f"run {kind}: {mine:.0f} img/s" in out
         assert f"{q[f'{kind}_vs_model']:.2f}× model" in out
     assert o["train_images"] == 10 * 20 * 2400 and o["eval_images"] == 600 * 55
-    assert o["total_s"] == pytest.approx(o["train_images"] / run["train_images_per_s"]
+    mean_start = sum(starts[1:]) / len(starts[1:])
+    assert o["total_s"] == pytest.approx(10 * mean_start + o["train_images"] / run["train_images_per_s"]
                                          + o["eval_images"] / run["eval_images_per_s"])
     assert f"= {o['total_min']:.1f} min" in out
     assert f"model alone: train {model['train_images_per_s']:.0f} img/s" in out

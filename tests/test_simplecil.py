@@ -77,6 +77,9 @@ def test_lamda_family_runs_on_digits_through_the_cli(tmp_path):
     for method in ("aper", "ranpac"):  # adapters + head on the first task, nothing afterwards
         params = results[method]["trainable_params"]
         assert params[0] > 0 and params[1:] == [0] * 4
+        # only a task with gradient steps has a first step to time
+        assert ["to_first_step" in s for s in results[method]["seconds_per_task"]] == [True] + [False] * 4
+    assert not any("to_first_step" in s for s in results["simplecil"]["seconds_per_task"])
     assert all(p > 0 for p in results["ease"]["trainable_params"])
     passes = [results[m]["forward_passes_per_image"] for m in ("simplecil", "aper", "ranpac", "ease")]
     assert passes == [1, 2, 1, 5]
