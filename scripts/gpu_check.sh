@@ -30,6 +30,9 @@ TARGET=${CLBENCH_GPU_CHECK_TARGET:-/tmp/clbench-gpu-check/target}
 WORK=${CLBENCH_GPU_CHECK_WORK:-/tmp/clbench-gpu-check/work}
 BUDGET=${CLBENCH_GPU_CHECK_BUDGET:-540}
 START=$(date +%s)
+# A fresh target: pip --target keeps a package folder that already exists there, so an earlier
+# run's clbench would shadow this checkout's.
+rm -rf "$TARGET"
 mkdir -p "$OUT/logs" "$TARGET" "$WORK"
 STEPS="$OUT/steps.txt"
 export PY REPO TARGET
