@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from clbench import distributed
-from clbench.loaders import Rebatched, chunk_for
+from clbench.loaders import Rebatched
 
 
 class _Tagged(Dataset):
@@ -53,8 +53,7 @@ class UnionLoader:
         datasets = [_Tagged(exp.dataset.eval(), i) for i, exp in enumerate(stream)]
         self.sampler = _SeenBatches([len(d) for d in datasets], batch_size)
         self.loader = Rebatched(ConcatDataset(datasets), self.sampler, num_workers,
-                                pin_memory=device.type == "cuda",
-                                chunk=chunk_for(batch_size, num_workers))
+                                pin_memory=device.type == "cuda")
 
     def upto(self, n_seen: int):
         """The loader, now covering experiences ``0 .. n_seen-1``."""

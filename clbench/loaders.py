@@ -8,8 +8,8 @@ order, so the model sees exactly the sampler's batches; with ``continuous=True``
 runs over epoch after epoch, and the workers prefetch the next epoch while the current one
 trains. Without workers both are plain iteration over the same batches.
 
-Evaluation uses chunks (a few large batches per pass; ``chunk_for`` sizes them so that every
-worker decodes a part of the first batch). Training streams whole batches
+Evaluation uses chunks (a few large batches per pass; the first batch of a pass is cut so that
+every worker decodes a part of it, ``first_chunk``). Training streams whole batches
 (``chunk=None``): the continuous stream already keeps the workers busy, and concatenating
 chunks would cost the host a copy of every batch (``scripts/bench_loading.py`` "transport").
 Neither choice changes a number: ``SeededDraws`` gives every training sample its own random
@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 CHUNK = 32  # samples a worker decodes per request, at most
 
 
-def chunk_for(batch_size: int, workers: int) -> int:
-    """Chunk size for a loader whose passes are short (evaluation): small enough that every worker
-    decodes a part of the first batch, so a pass starts after batch/workers decodes, not CHUNK
-    (``scripts/bench_loading.py``, "first batch"); at most ``CHUNK``."""
-    return max(1, min(CHUNK, -(-batch_size // max(workers, 1))))
+def first_chunk(batch_size: int, workers: int, chunk: int = CHUNK) -> int:
+    """Chunk size for a pass's first batch: small enough that every worker decodes a part of it,
+    so the pass starts after batch/workers decodes, not ``chunk`` (``scripts/bench_loading.py``,
+    "first batch"). Later batches keep ``chunk``: every request costs the host a message."""
+    return max(1, min(chunk, -(-batch_size // max(workers, 1))))
 
 
 class SeededDraws(Dataset):
@@ -61,17 +61,21 @@ class SeededDraws(Dataset):
 
 
 class _Chunks(Sampler):
-    """The batches of ``batch_sampler`` cut into chunks; records how many chunks each batch has."""
+    """The batches of ``batch_sampler`` cut into chunks (the first of each pass finer, see
+    ``first_chunk``); records how many chunks each batch has."""
 
-    def __init__(self, batch_sampler, chunk: int | None, continuous: bool):
+    def __init__(self, batch_sampler, chunk: int | None, continuous: bool, workers: int):
         self.batch_sampler, self.chunk, self.continuous = batch_sampler, chunk, continuous
+        self.workers = workers
         self.pieces: collections.deque[int] = collections.deque()
 
     def __iter__(self):
         epochs = itertools.repeat(None) if self.continuous else [None]
         for _ in epochs:
-            for batch in self.batch_sampler:
-                size = self.chunk or max(len(batch), 1)
+            for i, batch in enumerate(self.batch_sampler):
+                size = max(len(batch), 1)
+                if self.chunk:
+                    size = first_chunk(size, self.workers, self.chunk) if i == 0 else self.chunk
                 chunks = [batch[i:i + size] for i in range(0, len(batch), size)] or [batch]
                 self.pieces.append(len(chunks))
                 yield from chunks
@@ -101,7 +105,7 @@ class Rebatched:
         self.batch_sampler = batch_sampler
         self.continuous = continuous
         chunked = chunk is not None and num_workers > 0
-        self.chunks = _Chunks(batch_sampler, chunk if chunked else None, continuous)
+        self.chunks = _Chunks(batch_sampler, chunk if chunked else None, continuous, num_workers)
         # Whole batches are pinned by the DataLoader's pin thread; chunks straight into the batch.
         self.pin_chunks = pin_memory and chunked
         self.loader = DataLoader(dataset, batch_sampler=self.chunks, num_workers=num_workers,

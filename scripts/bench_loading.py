@@ -11,7 +11,8 @@
    only copy one ready image, so the host's receiving and concatenating is what is timed;
 4. first batch: a 1,200-image evaluation (batch 256) from ``--latency-workers`` workers (default
    16, the GPU machine's cores) that each "decode" 120 images/s by sleeping, so it runs as on that
-   machine whatever the cores here: 32-image chunks vs ``clbench.loaders.chunk_for``'s size.
+   machine whatever the cores here: every batch in 32-image chunks vs the first batch cut finer
+   (``clbench.loaders.first_chunk``, what evaluation does).
 
     python scripts/bench_loading.py <imagenet-r>/train [--workers N] [--size 224]
 
@@ -21,19 +22,22 @@ Prints images/s of full passes (best of three after a warm-up) and the ratios. T
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from clbench import loaders
 from clbench.datasets import ImageFiles, list_image_folder, test_transform, train_transform
 from clbench.decoded_cache import DecodedImages, build
 from clbench.distributed import ShardedBatchSampler
 from clbench.evaluation import _SeenBatches
-from clbench.loaders import CHUNK, Rebatched, chunk_for
+from clbench.loaders import CHUNK, Rebatched
 
 
 def best_rate(loader, n_images: int) -> float:
@@ -83,22 +87,29 @@ class SlowImage(ReadyImage):
         return super().__getitem__(i)
 
 
-def first_batch_rates(chunk: int, workers: int, size: int) -> tuple[float, float]:
+def first_batch_rates(split_first: bool, workers: int, size: int) -> tuple[float, float]:
     """(seconds to the first batch, images/s of the pass), best of three after a warm-up."""
     data = SlowImage(1200, size, 1 / 120)
     sampler = _SeenBatches([len(data)], 256)
     sampler.n_seen = 1
-    loader = Rebatched(data, sampler, workers, pin_memory=False, chunk=chunk)
+    loader = Rebatched(data, sampler, workers, pin_memory=False)
     firsts, passes = [], []
-    for _ in range(4):
-        began = time.perf_counter()
-        batches = iter(loader)
-        next(batches)
-        firsts.append(time.perf_counter() - began)
-        for _batch in batches:
-            pass
-        passes.append(time.perf_counter() - began)
+    as_others = contextlib.nullcontext() if split_first else mock.patch.object(
+        loaders, "first_chunk", lambda size, workers, chunk=CHUNK: chunk)
+    with as_others:
+        for _ in range(4):
+            _timed_pass(loader, firsts, passes)
     return min(firsts[1:]), len(data) / min(passes[1:])
+
+
+def _timed_pass(loader, firsts: list, passes: list) -> None:
+    began = time.perf_counter()
+    batches = iter(loader)
+    next(batches)
+    firsts.append(time.perf_counter() - began)
+    for _batch in batches:
+        pass
+    passes.append(time.perf_counter() - began)
 
 
 def transport_rate(dtype: torch.dtype, chunk: int | None, workers: int, size: int) -> float:
@@ -138,11 +149,10 @@ def main() -> None:
         f"{str(dtype).split('.')[1]} {'whole batches' if chunk is None else f'{chunk}-image chunks'} "
         f"{rate:.0f} img/s ({rate / base:.2f}x)" for (dtype, chunk), rate in rates.items()))
     n = args.latency_workers
-    (first32, rate32), (first, rate) = (first_batch_rates(c, n, args.size)
-                                        for c in (CHUNK, chunk_for(256, n)))
-    print(f"first batch, 1200-image evaluation, {n} workers at 120 img/s each: {CHUNK}-image chunks "
-          f"{first32:.2f}s then {rate32:.0f} img/s; {chunk_for(256, n)}-image chunks (chunk_for) "
-          f"{first:.2f}s then {rate:.0f} img/s ({rate / rate32:.2f}x)")
+    (first32, rate32), (first, rate) = (first_batch_rates(split, n, args.size) for split in (False, True))
+    print(f"first batch, 1200-image evaluation, {n} workers at 120 img/s each: all in {CHUNK}-image "
+          f"chunks {first32:.2f}s to the first batch, {rate32:.0f} img/s; first batch in "
+          f"{loaders.first_chunk(256, n)}-image chunks {first:.2f}s, {rate:.0f} img/s ({rate / rate32:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Chunked, continuous loading changes no batch: same samples, same order, same epochs."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from clbench.distributed import ShardedBatchSampler
-from clbench.loaders import CHUNK, Rebatched, chunk_for
+from clbench.loaders import CHUNK, Rebatched, first_chunk
 from helpers import Images
 
 
@@ -29,12 +31,22 @@ def _epochs(loader, passes, stop_early_at=None):
 
 @pytest.mark.parametrize("batch", [1, 10, 64, 256, 1000])
 @pytest.mark.parametrize("workers", [0, 1, 2, 16, 64])
-def test_evaluation_chunks_give_every_worker_part_of_the_first_batch(batch, workers):
+def test_first_chunk_gives_every_worker_part_of_the_first_batch(batch, workers):
     """No worker decodes more of the first batch than its even share (rounded up), in as few
     requests as that allows: the first batch waits for batch/workers decodes, not CHUNK."""
-    chunk, share = chunk_for(batch, workers), -(-batch // max(workers, 1))
+    chunk, share = first_chunk(batch, workers), -(-batch // max(workers, 1))
     assert 1 <= chunk <= min(CHUNK, share)
     assert chunk == min(CHUNK, share)  # the largest such chunk: the fewest requests
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_only_each_passs_first_batch_is_cut_finer(continuous):
+    sampler = ShardedBatchSampler(40, 16, seed=0)  # batches of 16, 16, 8
+    loader = Rebatched(_data(40), sampler, num_workers=2, pin_memory=False, continuous=continuous,
+                       chunk=16)
+    sizes = [len(c) for c in itertools.islice(iter(loader.chunks), 8)]
+    one_pass = [8, 8, 16, 8]  # the first batch over the 2 workers, then chunks of 16
+    assert sizes == (one_pass * 2 if continuous else one_pass)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
