@@ -64,13 +64,14 @@ def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = Fal
     records its grid in ``sweep.json`` instead."""
     from clbench import distributed, precision
 
-    plan.precision = plan.precision or precision.default_for(resolve_device(plan.device))  # stored
+    requested = resolve_device(plan.device)
+    plan.precision = plan.precision or precision.default_for(requested)  # stored
     if record_plan:
         check_run_dir(plan, resuming)
     benchmark, n_tasks, jobs = prepare(plan)
     ensure_writable(Path(plan.run_dir))
-    distributed.init_from_env(resolve_device(plan.device))
-    device = distributed.local_device(resolve_device(plan.device))
+    distributed.init_from_env(requested)
+    device = distributed.local_device(requested)
     precision.configure(jobs[0].context.precision)
     main = distributed.is_main()
     log = log if main else (lambda *a, **k: None)
@@ -84,7 +85,7 @@ def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = Fal
 
         if not main:
             distributed.barrier()
-        split = decoded_cache.attach(split, benchmark.root / ".decoded", os.cpu_count() or 1, log)
+        split = decoded_cache.attach(split, benchmark.root / ".decoded", distributed.all_cores(), log)
         if main:
             distributed.barrier()
     loaded = load_backbone(backbone, plan.checkpoint)
