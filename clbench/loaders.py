@@ -72,10 +72,10 @@ class _Chunks(Sampler):
     def __iter__(self):
         epochs = itertools.repeat(None) if self.continuous else [None]
         for _ in epochs:
-            for i, batch in enumerate(self.batch_sampler):
+            for position, batch in enumerate(self.batch_sampler):
                 size = max(len(batch), 1)
                 if self.chunk:
-                    size = first_chunk(size, self.workers, self.chunk) if i == 0 else self.chunk
+                    size = first_chunk(size, self.workers, self.chunk) if position == 0 else self.chunk
                 chunks = [batch[i:i + size] for i in range(0, len(batch), size)] or [batch]
                 self.pieces.append(len(chunks))
                 yield from chunks

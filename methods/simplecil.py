@@ -145,6 +145,9 @@ class ClassMeanPrototypes:
 
     def update_prototypes(self) -> None:
         self.collect_statistics(self.statistics, self.features_for_prototypes)
+        self._cache_prototypes()
+
+    def _cache_prototypes(self) -> None:
         self._prototypes = self.prototypes().to(self.device, torch.float32)
 
     def predict(self, images):
@@ -156,7 +159,7 @@ class ClassMeanPrototypes:
     def restore_structure(self, state: dict) -> None:
         super().restore_structure(state)
         self.statistics.load_state_dict(state["statistics"])
-        self._prototypes = self.prototypes().to(self.device, torch.float32)
+        self._cache_prototypes()
 
 
 @dataclass

@@ -23,9 +23,9 @@ from __future__ import annotations
 def run_perf(args) -> int:
     import torch
 
+    from clbench.distributed import all_cores
     from clbench.errors import UsageError
     from clbench.perf.options import complete
-    from clbench.distributed import all_cores
     from clbench.perf.timing import default_precisions
     from clbench.runner import resolve_device
 
