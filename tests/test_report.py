@@ -90,6 +90,40 @@ def write_results(root: Path, method: str, seed: int, acc: list[list[float]], *,
     return run
 
 
+def md_rows(md: str, first: str = "| Method") -> dict[str, dict[str, str]]:
+    """The first Markdown table whose header starts with ``first``: {method: {header: cell}}."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first))
+    def cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    header = cells(lines[start])
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        row = dict(zip(header, cells(line)))
+        rows[row[header[0]]] = row
+    return rows
+
+
+def tex_tables(tex: str) -> list[dict]:
+    """Each ``table`` float of summary.tex: caption, label, column spec, header, rows, note."""
+    tables = []
+    for block in tex.split("\\begin{table}")[1:]:
+        body = block.split("\\midrule\n")[1].split("\\bottomrule")[0]
+        tables.append({
+            "caption": block.split("\\caption{")[1].split("}\n")[0],
+            "label": block.split("\\label{")[1].split("}")[0],
+            "spec": block.split("\\begin{tabular}{")[1].split("}")[0],
+            "header": [c.strip() for c in
+                       block.split("\\toprule\n")[1].split("\\\\")[0].split(" & ")],
+            "rows": [[c.strip() for c in line.rstrip(" \\").split(" & ")]
+                     for line in body.strip().splitlines()],
+            "note": block.split("\\footnotesize ")[1].split("\n\\end{table}")[0]})
+    return tables
+
+
 def mat3(final_first: float, *, diag=(95.0, 94.0, 93.0), mid=90.0, final_rest=(88.0,)):
     """3-task accuracy matrix whose last row starts with ``final_first``."""
     return [[diag[0]], [mid, diag[1]], [final_first, *final_rest, diag[2]]]
@@ -171,10 +205,10 @@ def test_bold_marks_best_per_column(abc_report):
     tex = (path / "summary.tex").read_text()
     assert "\\textbf{" + a.replace(" ± ", " $\\pm$ ") + "}" in tex
     assert "\\textbf{" + b.replace(" ± ", " $\\pm$ ") not in tex
-    # cheapest train time (l2p, 15 s) is bold, the others are not
-    row_l2p = next(line for line in md.splitlines() if line.startswith("| l2p"))
-    row_a = next(line for line in md.splitlines() if line.startswith("| sdlora"))
-    assert "**15.0**" in row_l2p and "**60.0**" not in row_a
+    # the fewest trainable parameters (sdlora: 700 against 2,000, in thousands) is bold
+    rows = md_rows(md)
+    assert rows["sdlora"]["Trainable params, mean over tasks (K)"] == "**0.700**"
+    assert rows["l2p"]["Trainable params, mean over tasks (K)"] == "2"
 
 
 def test_significance_marks_only_where_due(abc_report):
@@ -556,8 +590,9 @@ def test_reference_drawn_dashed_and_named_in_legend(tmp_path):
     fig = plot_acc_curves(groups, method_colors(labels), [tmp_path / "c.png"])
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "joint (upper bound)" in legend and "sdlora" in legend
-    styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
-    assert styles["joint"] == "--" and styles["sdlora"] == "-"
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["joint"].get_linestyle() == "--"
+    assert all(line.get_linestyle() != "--" for k, line in lines.items() if k != "joint")
 
 
 def test_reference_read_from_config_before_the_name(tmp_path):
@@ -589,11 +624,15 @@ def test_method_info_table_shows_kd_absorptions(tmp_path):
     assert set(info["key"]) == {"rank", "kd_absorbed", "kd_fitted", "kd_residual_min"}
     md = (out / "summary.md").read_text()
     assert "### Method info" in md
-    line = next(x for x in md.splitlines() if "| kd_absorbed" in x)
-    assert [c.strip() for c in line.strip("|").split("|")] == ["sdlora-kd", "kd_absorbed",
-                                                              "0", "0.5", "2"]
-    residual = next(x for x in md.splitlines() if "| kd_residual_min" in x)
-    assert residual.split("|")[3].strip() == ""  # not fitted at task 1: blank
+    info_md = md.split("### Method info")[1]
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in info_md.splitlines()
+             if line.startswith("| sdlora-kd ") or line.startswith("| Method ")]
+    assert table[0] == ["Method", "Info", "all tasks", "task 1", "task 2", "task 3"]
+    rows = {cells[1]: cells[2:] for cells in table[1:]}
+    assert rows["kd_absorbed"] == ["", "0", "0.5", "2"]  # changes: one cell per task
+    assert rows["rank"] == ["10", "", "", ""]  # the same after every task: shown once
+    assert rows["kd_residual_min"] == ["", "", "0.31", "0.35"]  # not fitted at task 1: blank
+    assert "| mode" not in md and "| magnitudes" not in md  # not numbers: CSV/JSON only
 
 
 def _lab(color):
@@ -776,3 +815,169 @@ def test_results_with_wrong_types_is_skipped_not_a_traceback(tmp_path):
     with pytest.warns(report.ReportWarning, match="l2p/seed-0/results.json: not a clbench"):
         runs = report.load_runs([root])
     assert [r.method for r in runs] == ["sdlora"]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 20: tables and figures pasteable into a paper
+# ---------------------------------------------------------------------------------------------
+
+COST_HEADERS = ["Params, mean/task (K)", "Params, last task (K)", "Fwd passes / img",
+                "FLOPs / img", "Train time (s)"]
+
+
+def test_latex_has_an_accuracy_table_and_a_cost_table(abc_report):
+    path, df = abc_report
+    tables = tex_tables((path / "summary.tex").read_text())
+    assert len(tables) == 2
+    acc, cost = tables
+    assert acc["label"].endswith("-acc") and acc["caption"].endswith(": accuracy")
+    assert cost["label"].endswith("-cost") and cost["caption"].endswith(": cost")
+    assert acc["header"] == ["Method", "Seeds", r"Final acc (\%) $\uparrow$",
+                             r"Avg.\ inc.\ acc (\%) $\uparrow$",
+                             r"Forgetting (\%) $\downarrow$", r"BWT (\%) $\uparrow$"]
+    assert cost["header"] == ["Method", *COST_HEADERS]
+    assert acc["spec"] == cost["spec"] == "lrrrrr"  # 6 columns each, not 11 in one
+    assert [len(r) for r in acc["rows"] + cost["rows"]] == [6] * 8
+    sdlora = next(r for r in cost["rows"] if r[0] == "sdlora")
+    assert sdlora[1:] == [r"\textbf{0.700}", r"\textbf{0.900}", "1", "", "60"]
+    assert "ttest" in acc["note"] and "Params" not in acc["note"]
+    assert "hardware" in cost["note"] and "ttest" not in cost["note"]
+    # the Markdown table stays complete: accuracy and cost columns side by side
+    row = md_rows((path / "summary.md").read_text())["sdlora"]
+    assert list(row)[:6] == ["Method", "Seeds", "Final acc (%) ↑", "Avg. inc. acc (%) ↑",
+                             "Forgetting (%) ↓", "BWT (%) ↑"]
+    assert list(row)[6:] == ["Trainable params, mean over tasks (K)",
+                             "Trainable params, last task (K)", "Forward passes / test image",
+                             "FLOPs / test image", "Train time, total (s)"]
+
+
+def test_cost_units_are_chosen_per_column(tmp_path):
+    from clbench.report.cells import GFLOPS, PARAMS, pick_unit, sig
+
+    root = tmp_path / "runs"
+    for seed in range(2):  # digits-sized models: a linear probe has 582 parameters on average
+        write_results(root, "linear-probe", seed, mat3(60.0 + seed), params=[194, 582, 970],
+                      gflops=0.0152, train_s=4000.0)
+        write_results(root, "sdlora", seed, mat3(80.0 + seed), params=[15900] * 3,
+                      gflops=0.0304, train_s=1000.0)
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    rows = md_rows((out / "summary.md").read_text())
+    assert rows["linear-probe"]["Trainable params, mean over tasks (K)"] == "**0.582**"
+    assert rows["sdlora"]["Trainable params, mean over tasks (K)"] == "15.9"
+    assert rows["linear-probe"]["Trainable params, last task (K)"] == "**0.970**"
+    assert rows["linear-probe"]["MFLOPs / test image"] == "**15.2**"
+    assert rows["sdlora"]["Train time, total (min)"] == "50"  # 3 x 1,000 s
+    assert rows["linear-probe"]["Train time, total (min)"] == "200"
+    cost = tex_tables((out / "summary.tex").read_text())[1]
+    assert cost["header"][1] == "Params, mean/task (K)" and cost["header"][4] == "MFLOPs / img"
+    # the CSV keeps plain numbers in the stored units
+    df = pd.read_csv(out / "summary.csv").set_index("row")
+    assert df.loc["linear-probe", "trainable_params_mean"] == pytest.approx(582)
+    # one unit per column, from its largest value; a few significant digits, no exponent
+    assert pick_unit([86e6, 582], PARAMS) == (1e6, " (M)")
+    assert pick_unit([999, 5], PARAMS) == (1.0, "")
+    assert pick_unit([17.56], GFLOPS) == (1.0, "G")
+    assert pick_unit([math.nan], PARAMS) == (1.0, "")
+    assert [sig(x) for x in (0.000582, 455.0, 41.63, 6.2, 0.0)] == [
+        "0.000582", "455", "41.6", "6.20", "0"]
+
+
+def test_only_a_unique_best_is_bold(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        # a and b: the same results, the fewest parameters: tied best, so neither is bold
+        for method in ("a", "b"):
+            write_results(root, method, seed, mat3(85.0 + seed), params=[100] * 3, gflops=2.0)
+        # c: clearly worse, the unique lowest FLOPs; d: FLOPs equal to c's as shown
+        write_results(root, "c", seed, mat3(60.0 + seed, final_rest=(80.0,)), params=[500] * 3,
+                      gflops=1.0001)
+        write_results(root, "d", seed, mat3(50.0 + seed), params=[300] * 3, gflops=3.0)
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    df = pd.read_csv(out / "summary.csv").set_index("row")
+    assert not df["final_acc_best"].any() and not df["forgetting_best"].any()
+    # a tied best is still the yardstick of the t-test: c and d are worse than a on every seed
+    assert bool(df.loc["c", "final_acc_sig"]) and bool(df.loc["d", "final_acc_sig"])
+    assert math.isnan(df.loc["b", "final_acc_p_vs_best"])
+    md = (out / "summary.md").read_text()
+    rows = md_rows(md)
+    for row in rows.values():
+        assert "**" not in row["Final acc (%) ↑"] + row["Trainable params, last task"]
+    assert rows["c"]["GFLOPs / test image"] == "**1.00**"
+    tex = tex_tables((out / "summary.tex").read_text())
+    assert not any("textbf" in cell for table in tex for r in table["rows"] for cell in r[:3])
+
+    # two values that read the same are a tie, even if they differ further down
+    write_results(root, "d", 0, mat3(50.0), params=[300] * 3, gflops=1.0004)
+    for seed in (1, 2):
+        write_results(root, "d", seed, mat3(50.0 + seed), params=[300] * 3, gflops=1.0004)
+    rows = md_rows((report.write_report([root], out_dir=tmp_path / "rep2") / "summary.md")
+                   .read_text())
+    assert rows["c"]["GFLOPs / test image"] == rows["d"]["GFLOPs / test image"] == "1.00"
+
+
+def test_train_time_is_never_bold_and_said_to_depend_on_hardware(abc_report):
+    path, df = abc_report
+    assert df["train_seconds"].idxmin() == "l2p"  # the fastest, 15 s
+    rows = md_rows((path / "summary.md").read_text())
+    assert rows["l2p"]["Train time, total (s)"] == "15"
+    assert not any("**" in r["Train time, total (s)"] for r in rows.values())
+    md = (path / "summary.md").read_text()
+    assert "depends on the hardware each run used, so it is never bold" in md
+    cost = tex_tables((path / "summary.tex").read_text())[1]
+    assert [r[-1] for r in cost["rows"]] == ["30", "90", "15", "60"]  # no \textbf
+    assert "depends on the hardware" in cost["note"]
+
+
+def identical_pairs(root: Path) -> Path:
+    """aper = simplecil and sdlora = sdlora-kd on every seed; sdlora-rr close but not equal."""
+    for seed in range(2):
+        for method in ("aper", "simplecil"):
+            write_results(root, method, seed, mat3(88.0 + seed, mid=92.0))
+        for method in ("sdlora", "sdlora-kd"):
+            write_results(root, method, seed, mat3(65.0 + seed))
+        write_results(root, "sdlora-rr", seed, mat3(65.5 + seed))
+    return root
+
+
+def test_identical_curves_are_named_in_the_figure_and_summary(tmp_path, real_figures):
+    from clbench.report.plots import method_colors, plot_acc_curves
+    from clbench.report.tables import identical_curves
+
+    root = identical_pairs(tmp_path / "runs")
+    groups = report.group_runs(report.load_runs([root])).groups
+    assert identical_curves(groups[0]) == [["aper", "simplecil"], ["sdlora", "sdlora-kd"]]
+    fig = plot_acc_curves(groups, method_colors(r.label for r in groups[0].runs),
+                          [tmp_path / "c.png"])
+    notes = [t.get_text().replace("\u00a0", " ") for t in fig.axes[0].texts]
+    assert len(notes) == 1 and "identical curves" in notes[0]
+    assert "aper = simplecil; sdlora = sdlora-kd" in notes[0].replace("\n", " ")
+    assert "sdlora-rr" not in notes[0]
+    out = report.write_report([root], out_dir=tmp_path / "rep")
+    md = (out / "summary.md").read_text()
+    note = next(line for line in md.splitlines() if "identical accuracy curves" in line)
+    assert note.endswith(": aper = simplecil; sdlora = sdlora-kd.*")
+    # nothing to say when no two curves coincide
+    write_results(root, "simplecil", 0, mat3(87.0, mid=92.0))
+    write_results(root, "sdlora-kd", 1, mat3(64.0))
+    groups = report.group_runs(report.load_runs([root])).groups
+    assert identical_curves(groups[0]) == []
+    fig = plot_acc_curves(groups, method_colors(r.label for r in groups[0].runs),
+                          [tmp_path / "c2.png"])
+    assert not fig.axes[0].texts
+
+
+def test_every_method_has_its_own_marker_and_line_style(tmp_path):
+    from clbench.report.plots import method_colors, plot_acc_curves
+
+    root = tmp_path / "runs"
+    labels = [f"m{k:02d}" for k in range(20)]
+    for k, method in enumerate(labels):
+        write_results(root, method, 0, mat3(60.0 + k))
+    groups = report.group_runs(report.load_runs([root])).groups
+    fig = plot_acc_curves(groups, method_colors(labels), [tmp_path / "c.png"])
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 20
+    pairs = {(line.get_marker(), line.get_linestyle()) for line in lines}
+    assert len(pairs) == 20  # no two methods look alike even in grey print
+    assert len({line.get_marker() for line in lines}) >= 10
+    assert {line.get_linestyle() for line in lines} == {"-", "-.", ":"}  # "--": references

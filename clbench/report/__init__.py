@@ -3,10 +3,13 @@
 One way through the package: :mod:`~clbench.report.runs` finds and reads every ``results.json``
 (recomputing the metrics from the counts), :mod:`~clbench.report.groups` decides which runs may be
 compared, :mod:`~clbench.report.tables` aggregates (mean ± std, best continual method,
-significance, published numbers), :mod:`~clbench.report.writers` renders Markdown/LaTeX/CSV and
-W&B, :mod:`~clbench.report.plots` draws the figures.
+significance, published numbers, identical curves), :mod:`~clbench.report.display` formats one
+group's accuracy and cost tables (cells and units from :mod:`~clbench.report.cells`),
+:mod:`~clbench.report.writers` renders Markdown/LaTeX/CSV and W&B,
+:mod:`~clbench.report.plots` draws the figures.
 
-Files written into the report folder: ``summary.md``, ``summary.csv``, ``summary.tex``,
+Files written into the report folder: ``summary.md``, ``summary.csv``, ``summary.tex`` (per
+group an accuracy table and a cost table),
 ``incomplete_runs.csv`` (incomplete or diverged runs, only when there are some),
 ``method_info.csv`` (the methods' numeric per-task records, when any), ``acc_curve.png``/``.svg``,
 ``acc_matrix_<method>.png`` (``acc_matrix_<group>_<method>.png`` with several groups),

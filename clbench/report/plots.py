@@ -2,7 +2,10 @@
 
 matplotlib (Agg, no display) is imported inside the functions; one colour per method label is
 kept across every figure of a report, from a list of 20 colours chosen to be told apart
-(:data:`COLORS`). Each plot function returns its ``Figure`` (tests read the axes from it).
+(:data:`COLORS`). On the accuracy curves each method also gets its own marker and line style, so
+that curves crossing in one colour family stay apart in print; curves that coincide exactly hide
+each other whatever their style, so the figure names them in a note. Each plot function returns
+its ``Figure`` (tests read the axes from it).
 """
 from __future__ import annotations
 
@@ -22,10 +25,24 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
           "#c2b280", "#008856", "#a1caf1", "#2b3d26", "#911eb4", "#b3446c")
 
 
+# Markers and line styles of the accuracy curves, paired by the label's sorted index: 14 markers
+# and 3 styles give 42 distinct pairs. "--" is not among them: it marks reference rows (joint).
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", "p", ">", "h", "d", "8")
+LINESTYLES = ("-", "-.", ":")
+REFERENCE_LINESTYLE = "--"
+
+
 def method_colors(labels: Iterable[str]) -> dict[str, Any]:
     """Fixed colour per row label, in sorted order; beyond 20 labels the list repeats."""
     names = sorted(set(labels))
     return {n: COLORS[i % len(COLORS)] for i, n in enumerate(names)}
+
+
+def method_marks(labels: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """(marker, line style) per row label, in sorted order like :func:`method_colors`."""
+    names = sorted(set(labels))
+    return {n: (MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)])
+            for i, n in enumerate(names)}
 
 
 def _spread(groups: list[Group]) -> str:
@@ -71,15 +88,18 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]):
     fig = _figure(figsize=(max(8.5, 5.5 * ncols + 2.0), 4.0 * nrows + 0.6), dpi=150,
                   layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    marks = method_marks(r.label for g in groups for r in g.runs)
     handles: dict[str, Any] = {}
     for ax, g in zip(axes, groups):
         x = np.arange(1, g.n_tasks + 1)
         for label, seeds in g.by_label().items():
             curves = np.array([r.curve for r in seeds.values()])
             mean = curves.mean(axis=0)
-            reference = any(r.reference for r in seeds.values())  # e.g. the joint upper bound
-            (line,) = ax.plot(x, mean, marker="o", ms=3, color=colors[label], label=label,
-                              linestyle="--" if reference else "-")
+            marker, style = marks[label]
+            if any(r.reference for r in seeds.values()):  # e.g. the joint upper bound
+                style = REFERENCE_LINESTYLE
+            (line,) = ax.plot(x, mean, marker=marker, ms=5, color=colors[label], label=label,
+                              linestyle=style)
             if len(curves) >= 2:
                 std = curves.std(axis=0, ddof=1)
                 ax.fill_between(x, mean - std, mean + std, color=colors[label], alpha=0.2,
@@ -87,6 +107,11 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]):
             handles.setdefault(label, line)
         ax.set_title(g.label, fontsize=10)
         ax.set_xlabel("number of tasks learned")
+        note = _identical_note(g)
+        if note:  # under the x label; constrained layout makes room for it
+            ax.annotate(note, xy=(0.5, 0), xycoords=ax.xaxis.label, xytext=(0, -6),
+                        textcoords="offset points", ha="center", va="top", fontsize=8,
+                        color="#444444", gid="identical-curves-note")
         ax.set_ylabel("accuracy on seen classes (%)")
         _integer_ticks(ax, g.n_tasks)
         ax.grid(alpha=0.3)
@@ -94,11 +119,25 @@ def plot_acc_curves(groups: list[Group], colors: dict, paths: Sequence[Path]):
         ax.set_visible(False)
     fig.suptitle(f"Accuracy on all seen classes after each task\n({_spread(groups)})")
     fig.legend([handles[k] for k in sorted(handles)], _legend_names(groups, sorted(handles)),
-               loc="outside right upper",
-               title="method")
+               loc="outside right upper", title="method", handlelength=4)  # long: shows dashes
     for path in paths:
         fig.savefig(path, dpi=150)
     return fig
+
+
+def _identical_note(group: Group) -> str:
+    """Lines under the x label naming the methods whose curves coincide (one hides the other);
+    empty when there are none."""
+    import textwrap
+
+    from clbench.report.tables import identical_curves
+
+    sets = identical_curves(group)
+    if not sets:
+        return ""
+    text = ("Note: identical curves (same mean after every task) lie on top of each other: "
+            + "; ".join("\u00a0= ".join(s) for s in sets))  # no break before "="
+    return "\n".join(textwrap.wrap(text, 60, break_on_hyphens=False))  # fits one panel
 
 
 def plot_acc_matrix(group: Group, label: str, runs: Sequence[Run], color: Any, path: Path):

@@ -2,7 +2,8 @@
 
 Mean ± sample std over seeds; the best value of each column among the *continual* methods
 (reference rows such as the ``joint`` upper bound are shown but never ranked); a paired t-test of
-every continual method against that best one; optional published numbers beside ours.
+every continual method against that best one; optional published numbers beside ours; which
+methods have the same accuracy curve (drawn on top of each other, so the figure must say so).
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import json
 import math
 import statistics
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from clbench.errors import UsageError
-from clbench.report.groups import Grouping
+from clbench.report.cells import ACC_DIGITS, GFLOPS, PARAMS, SECONDS
+from clbench.report.groups import Group, Grouping
 
 # metric key -> (Markdown header, LaTeX header, higher is better)
 METRICS: dict[str, tuple[str, str, bool]] = {
@@ -31,15 +34,31 @@ _METRIC_ALIASES = {
     "aaa": "avg_inc_acc", "avg_acc": "avg_inc_acc", "average_incremental_accuracy": "avg_inc_acc",
     "fgt": "forgetting", "backward_transfer": "bwt",
 }
-# Columns about cost, lower is better: CSV column -> (Markdown header, LaTeX header).
-COSTS: dict[str, tuple[str, str]] = {
-    "trainable_params_mean": ("Trainable params, mean over tasks (M)",
-                              r"Params, mean/task (M)"),
-    "trainable_params_last": ("Trainable params, last task (M)", r"Params, last task (M)"),
-    "forward_passes_per_image": ("Forward passes / test image", r"Fwd passes / img"),
-    "gflops_per_image": ("GFLOPs / test image", r"GFLOPs / img"),
-    "train_seconds": ("Train time, total (s)", r"Train time (s)"),
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A cost column (lower is better). ``md``/``tex``: header, with ``{unit}`` where the
+    column's unit goes (from ``scale``, a :mod:`clbench.report.cells` scale; None: plain
+    counts). ``ranked``: bold its unique lowest value; not for times, which measure the hardware
+    that ran the method as much as the method."""
+
+    md: str
+    tex: str
+    scale: tuple[tuple[float, str], ...] | None
+    ranked: bool = True
+
+
+COSTS: dict[str, Cost] = {
+    "trainable_params_mean": Cost("Trainable params, mean over tasks{unit}",
+                                  r"Params, mean/task{unit}", PARAMS),
+    "trainable_params_last": Cost("Trainable params, last task{unit}",
+                                  r"Params, last task{unit}", PARAMS),
+    "forward_passes_per_image": Cost("Forward passes / test image", r"Fwd passes / img", None),
+    "gflops_per_image": Cost("{unit}FLOPs / test image", r"{unit}FLOPs / img", GFLOPS),
+    "train_seconds": Cost("Train time, total{unit}", r"Train time{unit}", SECONDS, ranked=False),
 }
+
 # Paper comparison: only these metrics have published numbers.
 PAPER_METRICS = {"final_acc": "Acc", "avg_inc_acc": "AAA"}
 SIGNIFICANCE_P = 0.05
@@ -100,27 +119,35 @@ def _paper_benchmark(name: str, known: Iterable[str]) -> str | None:
     return squash.get(flat.replace("-", ""))
 
 
-def best_flags(values: Sequence[float], higher: bool,
-               competing: Sequence[bool] | None = None) -> list[bool]:
-    """True where the value is the best among the competing rows; nothing is best when fewer
-    than two compete or all are tied."""
+def best_rows(values: Sequence[float], higher: bool,
+              competing: Sequence[bool] | None = None) -> list[int]:
+    """Indices of the competing rows that share the best value (callers pass values rounded as
+    shown); none when fewer than two rows compete."""
     competing = competing if competing is not None else [True] * len(values)
     finite = [v for v, c in zip(values, competing) if c and not math.isnan(v)]
-    if len(finite) < 2 or max(finite) - min(finite) <= 1e-9:
-        return [False] * len(values)
+    if len(finite) < 2:
+        return []
     best = max(finite) if higher else min(finite)
-    return [c and not math.isnan(v) and abs(v - best) <= 1e-9
-            for v, c in zip(values, competing)]
+    return [i for i, (v, c) in enumerate(zip(values, competing)) if c and v == best]
+
+
+def best_flags(values: Sequence[float], higher: bool,
+               competing: Sequence[bool] | None = None) -> list[bool]:
+    """True only at the *unique* best competing row: a best value shared by several rows (tied
+    costs, identical methods, all rows equal) is nobody's win, so nothing is bold."""
+    rows = best_rows(values, higher, competing)
+    return [rows == [i] for i in range(len(values))]
 
 
 def summary_frame(grouping: Grouping, metrics: Sequence[str], paper: dict | None = None):
     """One row per (group, method): plain numeric columns, as written to ``summary.csv``.
 
     For every metric ``m``: ``m_mean``, ``m_std`` (sample std, NaN with one seed), ``m_best``
-    (best continual method of its group), ``m_p_vs_best`` (paired t-test p-value against that
-    method, NaN when not tested) and ``m_sig`` (p < 0.05). ``reference`` is empty for continual
-    methods and names the kind of reference point (e.g. ``upper-bound``) otherwise; such rows are
-    never best and never tested. With ``paper``: ``paper_m``, ``paper_m_se``, ``delta_m``
+    (the unique best continual method of its group, compared as shown: to 2 decimals),
+    ``m_p_vs_best`` (paired t-test p-value against the best method, the first by name when
+    several share the best value; NaN when not tested) and ``m_sig`` (p < 0.05). ``reference``
+    is empty for continual methods and names the kind of reference point (e.g. ``upper-bound``)
+    otherwise; such rows are never best and never tested. With ``paper``: ``paper_m``, ``paper_m_se``, ``delta_m``
     (ours − paper) for ``final_acc`` and ``avg_inc_acc``, and ``paper_source``.
     """
     import pandas as pd
@@ -154,16 +181,17 @@ def summary_frame(grouping: Grouping, metrics: Sequence[str], paper: dict | None
         labels = list(by)
         competing = [not row["reference"] for row in grows]
         for m in metrics:
-            flags = best_flags([row[f"{m}_mean"] for row in grows], METRICS[m][2], competing)
-            ref = labels[flags.index(True)] if any(flags) else None
-            for row, label, best, comp in zip(grows, labels, flags, competing):
+            shown = [round(row[f"{m}_mean"], ACC_DIGITS) for row in grows]
+            tied = best_rows(shown, METRICS[m][2], competing)
+            ref = labels[tied[0]] if tied else None  # the yardstick of the t-test
+            for i, (row, label, comp) in enumerate(zip(grows, labels, competing)):
                 p = math.nan
-                if ref is not None and comp and not best:
+                if ref is not None and comp and i not in tied:
                     shared = sorted(set(by[ref]) & set(by[label]))
                     if len(shared) >= 2:
                         p = _paired_p([by[ref][s].metrics[m] for s in shared],
                                       [by[label][s].metrics[m] for s in shared])
-                row[f"{m}_best"] = best
+                row[f"{m}_best"] = tied == [i]
                 row[f"{m}_p_vs_best"] = p
                 row[f"{m}_sig"] = bool(p < SIGNIFICANCE_P)  # NaN compares False
 
@@ -219,3 +247,19 @@ def method_info_frame(grouping: Grouping):
                                  "value": statistics.fmean(vals) if vals else math.nan,
                                  "n_seeds": len(vals)})
     return pd.DataFrame(rows, columns=["group", "row", "key", "task", "value", "n_seeds"])
+
+
+def identical_curves(group: Group) -> list[list[str]]:
+    """Row labels whose mean accuracy after every task is the same (to 1e-9 %): their curves
+    coincide, so only the one drawn last is visible. Sets of two or more, sorted."""
+    sets: list[tuple[list[float], list[str]]] = []
+    for label, seeds in group.by_label().items():
+        curve = [statistics.fmean(c) for c in zip(*(r.curve for r in seeds.values()))]
+        same = next((labels for ref, labels in sets
+                     if all(math.isclose(a, b, rel_tol=0, abs_tol=1e-9)
+                            for a, b in zip(ref, curve))), None)
+        if same is None:
+            sets.append((curve, [label]))
+        else:
+            same.append(label)
+    return [labels for _, labels in sets if len(labels) > 1]
