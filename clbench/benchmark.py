@@ -8,6 +8,7 @@ labels ``[k·c, (k+1)·c)``.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -25,9 +26,31 @@ class BenchmarkConfig:
 
 @dataclass
 class SplitData:
+    """A benchmark's data. ``statistics`` is the training images under the *test* transform:
+    what methods compute class statistics from (prototypes, Grams, Gaussians), as the official
+    codes do. Left ``None``, it is derived from ``train`` with ``test``'s ``transform``
+    (``evaluation_view``); a benchmark whose datasets have no ``transform`` attribute and augment
+    in some other way must pass it."""
+
     train: object  # torch Dataset with a ``targets`` list of original class ids
     test: object
     identity: dict = field(default_factory=dict)  # protocol, n_train, n_test, hash
+    statistics: object = None
+
+    def __post_init__(self):
+        if self.statistics is None:
+            self.statistics = evaluation_view(self.train, self.test)
+
+
+def evaluation_view(train, test):
+    """``train`` with ``test``'s transform (a shallow copy: the images are shared), or ``train``
+    itself when either has no ``transform`` (tensors in memory, no augmentation)."""
+    transform = getattr(test, "transform", None)
+    if transform is None or getattr(train, "transform", None) is None:
+        return train
+    view = copy.copy(train)
+    view.transform = transform
+    return view
 
 
 def files_hash(names) -> str:

@@ -4,12 +4,39 @@ Several methods keep class statistics instead of images (InfLoRA-CA and HiDe-Pro
 Gaussians, SimpleCIL/APER/EASE keep prototypes, RanPAC a Gram matrix). Keeping *sums* makes the
 result independent of batch order, exact under data parallelism (sum over ranks, then divide)
 and cheap to checkpoint. Everything is float64 and computed outside autocast.
+
+The images come from ``CLStrategy.statistics_loader``: by default the task's training images
+under the *test* transform, in a separate pass, as every official code computes them
+(RevisitingCIL/PILOT's ``mode="test"`` loaders, RanPAC's ``train_loader_for_CPs``, HiDe-Prompt's
+``dataset_train_mean``, InfLoRA's CA); the augmented training loader is kept as the
+``stats_transform="train"`` ablation.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from clbench.distributed import all_reduce_sum
+from clbench.errors import UsageError
+
+STATS_TRANSFORMS = ("test", "train")
+
+
+@dataclass
+class StatisticsOptions:
+    """Config mixin of the methods that keep class statistics. ``stats_transform``: ``"test"``
+    (the official protocol: training images under the test transform) or ``"train"`` (the
+    augmented training loader, as this harness did before; an ablation, not a recipe)."""
+
+    stats_transform: str = "test"
+
+    def __post_init__(self):
+        getattr(super(), "__post_init__", lambda: None)()
+        if self.stats_transform not in STATS_TRANSFORMS:
+            raise UsageError(f"stats_transform={self.stats_transform!r}: choose 'test' (training "
+                             "images under the test transform, the official protocol) or 'train' "
+                             "(the augmented training loader, an ablation)")
 
 
 class ClassStatistics:

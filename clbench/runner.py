@@ -214,7 +214,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         seed_everything(job.seed * 1000 + task)
         began = time.perf_counter()
         try:
-            strategy.train(stream.train[task])
+            strategy.train(stream.train[task], statistics=stream.statistics[task])
         except Diverged as exc:
             results.status, results.message = "diverged", str(exc)
             if main:

@@ -145,6 +145,8 @@ class CLStrategy(SupervisedTemplate):
         self.known_classes = 0  # classes of tasks before the current one
         self.scheduler = None
         self._eval_loader = None
+        self.statistics_experience = None  # this task's images under the test transform
+        self._statistics_loader = None
         self.first_step_at = None
         # The pretrained weights as loaded (CPU copy): checkpoints store only what changed.
         # Keyed by the parameter object, which survives methods wrapping modules (renaming keys).
@@ -203,8 +205,15 @@ class CLStrategy(SupervisedTemplate):
         self.known_classes = state["known_classes"]
 
     # ----------------------------------------------------------------- template overrides
-    def train(self, experiences, eval_streams=None, **kwargs):
-        """Avalanche's ``train``; an exception inside a forward pass leaves no autocast behind."""
+    def train(self, experiences, eval_streams=None, statistics=None, **kwargs):
+        """Avalanche's ``train``; an exception inside a forward pass leaves no autocast behind.
+
+        ``statistics``: the task's experience of ``Stream.statistics`` (its training images under
+        the test transform), which the runner always passes; without it, statistics passes read
+        the training experience's own images, which is the same only for data without
+        augmentation (in-memory tensors, as in most unit tests)."""
+        self.statistics_experience = statistics
+        self._statistics_loader = None
         self.first_step_at = None  # perf_counter() at this task's first training step, if any
         try:
             return super().train(experiences, eval_streams, **kwargs)
@@ -250,6 +259,22 @@ class CLStrategy(SupervisedTemplate):
         self.dataloader = loaders.Rebatched(
             loaders.SeededDraws(self.adapted_dataset), sampler, self.num_workers,
             pin_memory=self.device.type == "cuda", continuous=True, chunk=None)
+
+    def statistics_loader(self, transform: str = "test"):
+        """This task's training images for class statistics (``clbench.class_stats``).
+
+        ``"test"``: one sequential pass under the test transform through the evaluation loader
+        (workers, chunks, the decoded cache's stored tensors; sharded over data-parallel ranks,
+        which ``class_stats.collect`` reduces); built once per task, so several passes (EASE's
+        subspaces) share its workers. ``"train"``: the training loader itself, with its
+        augmentation draws (the ``stats_transform="train"`` ablation)."""
+        if transform == "train":
+            return self.dataloader
+        if self._statistics_loader is None:
+            experience = self.statistics_experience or self.experience
+            self._statistics_loader = evaluation.UnionLoader(
+                [experience], self.eval_mb_size, self.num_workers, self.device).upto(1)
+        return self._statistics_loader
 
     def criterion(self):
         if not self.is_training:

@@ -36,13 +36,20 @@ class Stream:
     def test(self):
         return self.scenario.test_stream
 
+    @property
+    def statistics(self):
+        """Experience ``k`` holds the same images, in the same order, as ``train[k]``, under the
+        test transform (``SplitData.statistics``)."""
+        return self.scenario.statistics_stream
+
 
 def build_stream(split, class_order: list[int], n_tasks: int) -> Stream:
     from avalanche.benchmarks import class_incremental_benchmark
 
     n_classes = len(class_order)
     scenario = class_incremental_benchmark(
-        {"train": Relabeled(split.train, class_order), "test": Relabeled(split.test, class_order)},
+        {"train": Relabeled(split.train, class_order), "test": Relabeled(split.test, class_order),
+         "statistics": Relabeled(split.statistics, class_order)},
         class_order=list(range(n_classes)), num_experiences=n_tasks)
     per_task = [len(exp.classes_in_this_experience) for exp in scenario.train_stream]
     return Stream(scenario, class_order, per_task)

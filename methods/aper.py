@@ -20,7 +20,8 @@ SSF (``exps/aper_ssf/*.json``): 20 epochs, lr 0.01, batch 48, wd 5e-4 on every b
 otherwise the official CIFAR recipe.
 
 Deviations from the official code:
-* prototypes use the harness's training loader (training transform); official: test transform;
+* none in the statistics: prototypes use the training images under the test transform, as the
+  official code (``stats_transform="train"``: the augmented training loader, an ablation);
 * the adapter is added by wrapping timm's ``block.mlp`` (same maths: it reads the un-normalised
   post-attention stream and is added to the MLP output), not a forked ViT;
 * the backbone is the run's (official configs: ``vit_base_patch16_224_in21k``);

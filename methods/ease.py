@@ -24,7 +24,8 @@ Per-benchmark settings (official ``exps/ease_*.json``): CIFAR-100: lr 0.025, bat
 ``digits`` (tiny backbone, width 96): bottleneck 8, otherwise CIFAR's.
 
 Deviations from the official code:
-* prototypes use the harness's training loader (training transform); official: test transform;
+* none in the statistics: prototypes use the training images under the test transform, as the
+  official code (``stats_transform="train"``: the augmented training loader, an ablation);
 * the class ranges of tasks come from the stream (official: init_cls/increment arithmetic; the
   same for equal task sizes);
 * the adapters wrap timm's ``block.mlp`` instead of a forked ViT (same maths); each subspace is a

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clbench.class_stats import ClassStatistics, collect
+from clbench.class_stats import ClassStatistics, StatisticsOptions, collect
 from clbench.errors import UsageError
 from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
                                query_features)
@@ -155,7 +155,7 @@ def timm_epoch_factor(kind: str, epoch: int, epochs: int, lr: float, min_lr: flo
 
 
 @dataclass
-class HiDePromptConfig(PromptConfig):
+class HiDePromptConfig(StatisticsOptions, PromptConfig):
     schedules: ClassVar[tuple[str, ...]] = ("cosine", "step", "constant")  # timm's
     lr_scaled_fields: ClassVar[tuple[str, ...]] = ("tii_lr", "tap_lr", "tii_tap_lr")
     # ImageNet-R, supervised ViT-B/16 (training_scripts/train_imr_vit.sh)
@@ -335,10 +335,11 @@ class HiDePrompt(PromptStrategy):
         model.eval()
         seen = range(self.known_classes, model.head.n_classes)
         own_prompt = model.prompt[:, task]
+        images = self.statistics_loader(c.stats_transform)
         collect(self.uninstructed, lambda x: query_features(model.backbone, model.normalize(x)),
-                self.dataloader, device, seen)
-        collect(self.instructed, lambda x: self.prompted_features(x, own_prompt),
-                self.dataloader, device, seen)
+                images, device, seen)
+        collect(self.instructed, lambda x: self.prompted_features(x, own_prompt), images, device,
+                seen)
         model.train(was_training)
         if task == 0:
             return

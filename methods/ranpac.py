@@ -23,12 +23,14 @@ Deviations from the official code:
 * the 20 % hold-out is a pseudo-random subset of the task's images (an integer hash of the pixels
   the statistics pass sees), not the tail of one shuffled pass, so with deterministic transforms
   the chosen λ — like G and Q — does not depend on batch order or the number of data-parallel
-  ranks (with random augmentation the hashed pixels are the augmented ones); the hold-out MSE is computed exactly from
+  ranks (under ``stats_transform="train"`` the hashed pixels are the augmented ones); the hold-out MSE is computed exactly from
   hold-out sums (Σ hhᵀ, Σ hyᵀ, count) instead of stored features, averaged over the task's
   classes (the official mean over all dataset classes differs by a constant factor); if a task
   has no image in one of the two parts (tiny tests), λ = 1;
 * DomainNet's official row is a single 345-class session; its adapter recipe is used as is;
-* statistics use the harness's training loader (training transform); official: test transform;
+* none in the statistics' data: G and Q use the training images under the test transform, as
+  the official ``train_loader_for_CPs`` (``stats_transform="train"``: the augmented training
+  loader, an ablation);
 * G, Q are float64 (official float32); the checkpoint therefore holds an M×M float64 matrix
   (800 MB at M = 10000);
 * the backbone is the run's (official: ``vit_base_patch16_224`` or ``_in21k`` per dataset).
@@ -135,7 +137,7 @@ class RanPAC(FirstSessionTuning):
     def learn_without_gradients(self, task: int) -> None:
         if task == 0:
             self.draw_projection()
-        self.accumulate_and_solve(self.dataloader)
+        self.accumulate_and_solve(self.statistics_loader(self.config.stats_transform))
 
     @torch.no_grad()
     def accumulate_and_solve(self, loader) -> None:

@@ -14,8 +14,9 @@ This module also holds what the LAMDA family shares (APER, RanPAC and EASE impor
 through ``clbench.class_stats``, first-session SGD + cosine annealing as in the official codes).
 
 Deviations from the official code:
-* prototypes are computed over the harness's training loader, i.e. with the benchmark's training
-  transform; the official code re-reads the training images with the test transform;
+* none in the statistics: prototypes are class means over the task's training images under the
+  test transform, as the official code computes them (``stats_transform="train"`` uses the
+  augmented training loader instead, an ablation);
 * the official configs use ``vit_base_patch16_224_in21k`` (RevisitingCIL) or
   ``vit_base_patch16_224`` (LAMDA-PILOT); here the benchmark's/run's backbone is used.
 """
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clbench.class_stats import ClassStatistics, collect
+from clbench.class_stats import ClassStatistics, StatisticsOptions, collect
 from clbench.hparams import TrainConfig
 from clbench.registry import register_method
 from clbench.strategy import CLStrategy, IncrementalHead
@@ -69,10 +70,11 @@ def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
 
 
 @dataclass
-class PrototypeConfig(TrainConfig):
+class PrototypeConfig(StatisticsOptions, TrainConfig):
     """Shared by the LAMDA family: ``epochs``/``lr``/``batch_size`` are the first-session
     recipe (``tuned_epoch``, ``init_lr``, ``batch_size``), SGD momentum 0.9 with
-    ``weight_decay`` and CosineAnnealingLR(T_max=epochs, eta_min=min_lr)."""
+    ``weight_decay`` and CosineAnnealingLR(T_max=epochs, eta_min=min_lr); ``stats_transform``
+    as in ``clbench.class_stats``."""
 
     epochs: int = 20
     lr: float = 0.01
@@ -83,7 +85,8 @@ class PrototypeConfig(TrainConfig):
 
 class PrototypeStrategy(CLStrategy):
     """Base of SimpleCIL/APER/RanPAC/EASE: tasks with ``epochs_for_task == 0`` build no real
-    optimiser and run no epoch; ``after_task`` collects statistics with ``self.dataloader``."""
+    optimiser and run no epoch; ``after_task`` collects statistics from
+    ``statistics_loader`` (the task's training images under the test transform)."""
 
     Config = PrototypeConfig
 
@@ -122,7 +125,8 @@ class PrototypeStrategy(CLStrategy):
         was_training = self.model.training
         self.model.eval()
         try:
-            collect(statistics, features_of, self.dataloader, self.device, self.new_classes)
+            collect(statistics, features_of, self.statistics_loader(self.config.stats_transform),
+                    self.device, self.new_classes)
         finally:
             self.model.train(was_training)
 

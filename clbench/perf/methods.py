@@ -89,7 +89,7 @@ def measure_method(name: str, backbone, mean, std, shapes: Shapes, device) -> di
     with PeakMemory(device) as memory:
         strategy = build_strategy(name, backbone, mean, std, shapes, device, [timer])
         began = time.perf_counter()
-        strategy.train(stream.train[0])
+        strategy.train(stream.train[0], statistics=stream.statistics[0])
         train_wall = time.perf_counter() - began
         strategy.evaluate_counts(stream.test[:1])
     train = [t for t, _ in timer.train.get(0, [])[1:]]  # none for a method without gradient steps

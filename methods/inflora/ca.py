@@ -5,7 +5,9 @@
 After each task (inside ``strategy.train()``, so it is timed):
 
 1. per new class, the mean and covariance (unbiased, + 1e-4·I) of its CLS features over the task's
-   training data, with the trained network; older classes keep the statistics from their task;
+   training images under the test transform (as the official code re-reads them;
+   ``stats_transform="train"``: the augmented training loader, an ablation), with the trained
+   network; older classes keep the statistics from their task;
 2. for ``ca_epochs`` epochs: sample ``ca_samples`` features per seen class from
    N(μ_c·(0.9 + 0.1·(τ_c+1)/(t+1)), Σ_c) (τ_c = the class's task: older means shrink), shuffle,
    and train the whole head on batches of ``ca_samples`` with cross-entropy on logits divided by
@@ -13,8 +15,6 @@ After each task (inside ``strategy.train()``, so it is timed):
    momentum 0.9, wd 5e-4, CosineAnnealingLR over the CA epochs.
 
 Deviations from the official code:
-* statistics use the training loader as the harness builds it (its training augmentation); the
-  official code re-reads the training images with test transforms;
 * a class's task comes from the recorded class ranges (official: class // last task's size; the
   same for equal-size tasks);
 * a covariance that is not positive definite gets + 1e-4·I until Cholesky succeeds (official:
@@ -33,6 +33,7 @@ from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
 from clbench.adapters import merged
+from clbench.class_stats import StatisticsOptions
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
 from clbench.methods.inflora.strategy import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
@@ -54,7 +55,7 @@ CA_DEFAULTS = {
 
 
 @dataclass
-class InfLoRACAConfig(InfLoRAConfig):
+class InfLoRACAConfig(StatisticsOptions, InfLoRAConfig):
     lr_scaled_fields: ClassVar[tuple[str, ...]] = ("head_lr", "ca_lr")
     ca_epochs: int = 5
     ca_samples: int = 256            # sampled features per class and epoch (= CA batch size)
@@ -101,7 +102,7 @@ class InfLoRACA(InfLoRA):
         self.model.eval()
         features, labels = [], []
         with merged(self.model):  # inference over the task's data
-            for batch in self.dataloader:
+            for batch in self.statistics_loader(self.config.stats_transform):
                 features.append(self.model.features(batch[0].to(self.device)).double())
                 labels.append(batch[1].to(self.device))
         self.model.train(was_training)

@@ -36,8 +36,9 @@ Deviations from the official code (also in the README section of the report):
 * ImageNet-A and CUB-200 have no official config; they use the ImageNet-R one.
 * Second moments are formed per batch and summed in float64 (official: float32 running mean)
   and the SVDs run in float64 on the activations' device (official: float32); the same quantities.
-* Statistics passes iterate the harness' training loader, i.e. its training augmentation, like the
-  official code (whose augmentation differs: the harness' transforms are shared by all methods).
+* The second-moment passes that design the subspaces iterate the harness' training loader, i.e.
+  its training augmentation, like the official code (whose augmentation differs: the harness'
+  transforms are shared by all methods). InfLoRA-CA's class statistics use the test transform.
 """
 from __future__ import annotations
 
