@@ -228,7 +228,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
         evaluated = time.perf_counter()
         results.correct.append(correct)
         results.total.append(total)
-        results.trainable_params.append(strategy.trainable_parameter_count())
+        results.trainable_params.append(strategy.trained_parameter_count)
         results.forward_passes_per_image = strategy.forward_passes_per_image  # may grow (EASE)
         seconds = {"train": trained - began, "eval": evaluated - trained}
         if strategy.first_step_at is not None:  # the task took gradient steps

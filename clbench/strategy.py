@@ -148,6 +148,7 @@ class CLStrategy(SupervisedTemplate):
         self.statistics_experience = None  # this task's images under the test transform
         self._statistics_loader = None
         self.first_step_at = None
+        self.trained_parameter_count = 0  # recorded when each task's optimiser is built
         # The pretrained weights as loaded (CPU copy): checkpoints store only what changed.
         # Keyed by the parameter object, which survives methods wrapping modules (renaming keys).
         self._pretrained = {id(p): p.detach().to("cpu", copy=True)
@@ -246,6 +247,9 @@ class CLStrategy(SupervisedTemplate):
         else:  # a task learnt without gradient steps: nothing to optimise
             self.optimizer, self.scheduler = _no_optimizer(), None
             self.train_epochs = 0
+        # What this task trains, counted now: by the time the runner records it, ``after_task``
+        # may have folded or frozen it (a LoRA merged into the backbone would read as 0).
+        self.trained_parameter_count = self.trainable_parameter_count()
 
     def make_train_dataloader(self, drop_last=False, **kwargs):
         """Shuffled by a sampler seeded from (seed, task, epoch), sharded over ranks, with every
@@ -336,6 +340,9 @@ class CLStrategy(SupervisedTemplate):
 
     # ----------------------------------------------------------------- checkpoints
     def trainable_parameter_count(self) -> int:
+        """Parameters trained in the current task (0 for a task without gradient steps). The
+        results record it when the task's optimiser is built (``trained_parameter_count``);
+        override it only to count part of a parameter (e.g. this task's slots of a prompt pool)."""
         return sum(p.numel() for p in self.trainable_parameters()) if self.train_epochs else 0
 
     def _pretrained_names(self, unchanged_only: bool) -> set[str]:

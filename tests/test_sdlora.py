@@ -82,7 +82,7 @@ def trained():
     counts = []
     for t in range(3):
         strategy.train(stream.train[t])
-        counts.append(strategy.trainable_parameter_count())
+        counts.append(strategy.trained_parameter_count)
     return strategy, probe, pretrained, counts
 
 

@@ -41,3 +41,29 @@ def test_uint8_images_reach_the_backbone_as_exactly_totensors_values():
         model = CLModel(tiny_vit(), DIM, mean, std)
         assert torch.equal(model.normalize(as_uint8), model.normalize(as_float))
         assert torch.equal(model.features(as_uint8), model.features(as_float))
+
+
+def test_parameters_folded_away_after_a_task_are_still_counted_as_trained():
+    """A plugin that merges its adapter into the backbone in ``after_task`` (nothing trainable is
+    left when the runner records the task) is recorded with what its optimiser updated."""
+    from torch import nn
+
+    from clbench.strategy import CLStrategy
+
+    class FoldingAdapter(CLStrategy):
+        def prepare_model(self, model):
+            model.backbone.requires_grad_(False)
+            self.delta = nn.Parameter(torch.zeros(model.head.in_features))
+
+        def trainable_parameters(self):
+            return [self.delta, *self.model.head.parameters()] if self.delta.requires_grad else \
+                list(self.model.head.parameters())
+
+        def after_task(self, task):
+            self.delta.requires_grad_(False)  # "folded into the backbone"
+
+    strategy = build(FoldingAdapter, tiny_vit(), n_tasks=2, epochs=1)
+    strategy.train(tensor_stream(4, 2, 4).train[0])
+    head = sum(p.numel() for p in strategy.model.head.parameters())
+    assert strategy.trainable_parameter_count() == head  # what is left now
+    assert strategy.trained_parameter_count == head + strategy.delta.numel()  # what trained

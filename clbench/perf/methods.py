@@ -98,7 +98,7 @@ def measure_method(name: str, backbone, mean, std, shapes: Shapes, device) -> di
     record = {
         "train_step_s": step, "eval_s_per_image": per_image,
         "peak_mib": memory.peak_mib, "forward_passes_per_image": strategy.forward_passes_per_image,
-        "trainable_params": strategy.trainable_parameter_count(),
+        "trainable_params": strategy.trained_parameter_count,
         "task_wall_s": train_wall,  # includes before_task/after_task work (e.g. subspaces)
     }
     del strategy

@@ -160,7 +160,6 @@ class SDLoRA(CLStrategy):
     def prepare_model(self, model) -> None:
         model.backbone.requires_grad_(False)
         self.lora = DecoupledLoRA(model)
-        self._task_trainable = None
         self._kd_info = {}
 
     def rank_for(self, task: int) -> int:
@@ -171,7 +170,6 @@ class SDLoRA(CLStrategy):
         init = self.config.init_magnitude
         self.lora.begin_task(task, self.rank_for(task), self.norm, reset_magnitudes=self.official,
                              init=INIT_MAGNITUDE[self.config.mode] if init is None else init)
-        self._task_trainable = sum(p.numel() for p in self.trainable_parameters())
         self._kd_info = {}
 
     def after_task(self, task: int) -> None:
@@ -192,10 +190,6 @@ class SDLoRA(CLStrategy):
             return None
         return torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(self.config.lr_milestones), gamma=self.config.lr_decay)
-
-    def trainable_parameter_count(self) -> int:
-        """What trained during the last task (its pair is frozen by the time the runner asks)."""
-        return self._task_trainable if self._task_trainable is not None else super().trainable_parameter_count()
 
     # -- records and checkpoints
     def task_info(self) -> dict:
