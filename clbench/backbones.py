@@ -5,10 +5,12 @@ Always the full tag: bare timm names have silently changed weights between relea
 loaded) — a known cause of "cannot reproduce the paper" reports. Any other timm name is accepted
 as is. ``--checkpoint FILE`` goes through timm's own pretrained-weights path
 (``pretrained_cfg_overlay=dict(file=...)``, loaded with ``weights_only=True``), so the head is
-dropped and position embeddings resampled exactly as for hub weights.
+dropped and position embeddings resampled exactly as for hub weights; since timm then loads
+non-strictly, a file missing any of the model's tensors is refused rather than left partly random.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -139,10 +141,20 @@ def load_backbone(name: str, checkpoint: str | Path | None = None) -> LoadedBack
                                                 custom_load=False)  # a state dict, never .npz
         source = str(file) if checkpoint else "package file"
         try:
-            model = timm.create_model(spec.tag, **kwargs)
+            with _recording_loads() as loads:
+                model = timm.create_model(spec.tag, **kwargs)
         except Exception as exc:  # corrupt or foreign checkpoint
-            raise UsageError(f"cannot load checkpoint {file} into {spec.tag}: "
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+            raise UsageError(f"cannot load checkpoint {file} into {spec.tag} ({_problem(exc)}); "
+                             f"{EXPECTED_CHECKPOINT}") from None
+        # timm drops the classifier and then loads non-strictly: a state dict of some other
+        # model would leave every weight randomly initialised without an error.
+        missing = [key for module, result in loads if module is model for key in result.missing_keys]
+        if missing:
+            total = len(model.state_dict())
+            raise UsageError(f"checkpoint {file} does not hold the weights of {spec.tag} "
+                             f"({len(missing)} of {total} tensors missing, e.g. {missing[0]}): "
+                             "pass weights saved from that architecture, or choose the matching "
+                             "--backbone")
     else:
         source = "hub"
         model = _create_from_hub(timm, spec.tag, kwargs)
@@ -152,12 +164,47 @@ def load_backbone(name: str, checkpoint: str | Path | None = None) -> LoadedBack
                           weights_sha256=weights_hash(model), source=source)
 
 
+EXPECTED_CHECKPOINT = ("expected the backbone's weights as a .safetensors file, or a .pth/.bin "
+                       "state dict of tensors (torch.save(model.state_dict(), path))")
+
+
+def _problem(exc: Exception) -> str:
+    """What is wrong with a checkpoint file, in clbench's terms: torch's advice to retry with
+    ``weights_only=False`` is not an option clbench offers (it never unpickles code)."""
+    text = str(exc).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds pickled Python objects, not only tensors; clbench does not unpickle them"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _recording_loads():
+    """Record every ``load_state_dict`` result while timm builds a model (its missing keys)."""
+    import torch
+
+    original = torch.nn.Module.load_state_dict
+    loads = []
+
+    def recording(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        loads.append((self, result))
+        return result
+
+    torch.nn.Module.load_state_dict = recording
+    try:
+        yield loads
+    finally:
+        torch.nn.Module.load_state_dict = original
+
+
 def _create_from_hub(timm, tag: str, kwargs: dict):
     """Use the local Hugging Face cache first; go online only when the hub answers (fail fast)."""
     offline_before = os.environ.get("HF_HUB_OFFLINE")
     advice = (f"no cached weights for {tag} and the Hugging Face hub is unreachable: run once with "
-              f"internet (python -c \"import timm; timm.create_model('{tag}', pretrained=True)\") "
-              "or pass --checkpoint FILE")
+              f"internet (python -c \"import timm; timm.create_model('{tag}', pretrained=True)\"), "
+              "pass its weights with --checkpoint FILE, or use the embedded backbone with "
+              "--backbone vit-tiny-letters (no download)")
     try:
         os.environ["HF_HUB_OFFLINE"] = "1"
         import huggingface_hub.constants as hf_constants

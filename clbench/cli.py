@@ -209,8 +209,13 @@ def cmd_run(args) -> int:
     try:
         paths = runner.run(plan, resuming=bool(args.resume))
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished tasks are saved; continue with "
-              f"`clbench run --resume {plan.run_dir}`", file=sys.stderr)
+        if not (Path(plan.run_dir) / "run.json").exists():  # written once data and backbone load
+            print("\ninterrupted before training started (loading data, building the decoded "
+                  "cache or loading the backbone): nothing was computed; rerun the same command",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted: finished tasks are saved; continue with "
+                  f"`clbench run --resume {plan.run_dir}`", file=sys.stderr)
         return 130
     print("results:")
     for path in paths:

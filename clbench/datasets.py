@@ -4,7 +4,9 @@ Each step exists so that a run either reads exactly the published data or stops 
 
 - ``fetch``: an archive is downloaded to ``<name>.part`` (gdown: Google Drive and plain HTTP,
   resuming an interrupted transfer), checked against its published MD5 (or a pinned SHA-256),
-  and only then renamed; a mismatch deletes the file and says so.
+  and only then renamed; a mismatch deletes that ``.part`` file and says so. A file found in
+  place (put there by hand) is verified too but never deleted: a mismatch is refused with the
+  actual and expected checksum, and the user replaces or removes it.
 - ``extract_fresh``: archives unpack into a temporary folder that is renamed when complete; no
   entry may land outside it (absolute names, ``..`` parts and escaping links are refused before
   anything is written, then tarfile's ``filter="data"`` guards the extraction itself).
@@ -78,18 +80,30 @@ def download_file(url: str, dest: Path) -> None:
 
 
 def verify(path: Path, remote: Remote) -> None:
+    """Check a file found in place (put there by hand, or downloaded and verified earlier):
+    a wrong checksum is refused with both values and the file is left where it is."""
     actual = file_digest(path, remote.algorithm)
     if actual != remote.expected:
-        path.unlink(missing_ok=True)
+        raise UsageError(f"{path} is not the published {remote.filename}: its {remote.algorithm} "
+                         f"is {actual}, expected {remote.expected}; replace it with the published "
+                         "file, or remove it and rerun with --download (clbench leaves it as is)")
+
+
+def verify_download(part: Path, remote: Remote) -> None:
+    """Check clbench's own ``.part`` download; on a mismatch it (and only it) is deleted."""
+    actual = file_digest(part, remote.algorithm)
+    if actual != remote.expected:
+        part.unlink(missing_ok=True)
         raise UsageError(f"checksum mismatch for {remote.filename}: expected "
-                         f"{remote.expected}, got {actual}; the partial file was deleted, rerun "
+                         f"{remote.expected}, got {actual}; the download was deleted, rerun "
                          "with --download")
 
 
 def fetch(remote: Remote, folder: Path) -> Path:
     """``folder/filename``, verified; downloaded first (via ``.part``) when it is not there.
 
-    A file already in place (for example put there by hand) is verified like a download."""
+    A file already in place (for example put there by hand) is verified too, but never deleted:
+    only clbench's own ``.part`` download is removed when its checksum is wrong."""
     final = folder / remote.filename
     if final.is_file():
         verify(final, remote)
@@ -110,7 +124,7 @@ def fetch(remote: Remote, folder: Path) -> Path:
     if not part.is_file():
         raise UsageError(f"download of {remote.filename} from {remote.url} produced no file; "
                          "rerun with --download")
-    verify(part, remote)
+    verify_download(part, remote)
     part.replace(final)
     return final
 

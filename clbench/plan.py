@@ -1,7 +1,8 @@
 """What a run is asked to do (``RunPlan``, stored as ``run.json``) and everything checked before
-any job trains: the budget flags, every job's resolved config and the method's own checks
-against the run context, reuse of a run name or job folder with other settings, a writable
-output folder. Every failure is a ``UsageError``: one line, exit 2.
+any job trains: the budget flags (each seed and method given once), every job's resolved config
+and the method's own checks against the run context, reuse of a run name or job folder with
+other settings, a writable output folder, and with ``--decoded-cache`` a writable
+``<data root>/.decoded``. Every failure is a ``UsageError``: one line, exit 2.
 """
 from __future__ import annotations
 
@@ -83,6 +84,10 @@ def check_budget(plan: RunPlan) -> None:
          f"--workers {plan.workers}: give 0 (load in the main process) or more"),
         (any(s < 0 for s in plan.seeds), f"--seeds {plan.seeds}: seeds are non-negative integers"),
     ]
+    for flag, values in (("--seeds", plan.seeds), ("--methods", plan.methods)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        checks.append((bool(twice), f"{flag} {','.join(map(str, values))}: {', '.join(twice)} "
+                                     "given more than once; give each once"))
     for failed, message in checks:
         if failed:
             raise UsageError(message)
@@ -127,6 +132,8 @@ def prepare(plan: RunPlan):
     bench_config = dataclasses.replace(
         bench_config, **hparams.resolve_overrides(bench_config, overrides, bench_cls.registered_name))
     benchmark = bench_cls(bench_config, data_dir=plan.data_dir, download=plan.download)
+    if plan.decoded_cache:
+        check_decoded_cache(benchmark.root / ".decoded")
     n_tasks = bench_cls.default_tasks if plan.n_tasks is None else plan.n_tasks
     benchmark.check_tasks(n_tasks)
     configs = {name: method_config(cls, benchmark.name, n_tasks, plan, overrides)
@@ -169,14 +176,38 @@ def check_same_settings(job: Job) -> None:
 
 
 def ensure_writable(folder: Path) -> None:
+    problem = _write_problem(folder)
+    if problem is not None:
+        raise UsageError(f"cannot write to {folder} ({problem}); choose a writable --out")
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (made if missing), or ``None``: found by
+    creating one, which also catches a read-only file system when running as root."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)  # unique per process
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise UsageError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); "
-                         "choose a writable --out") from None
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def check_decoded_cache(folder: Path) -> None:
+    """``--decoded-cache`` writes under ``<data root>/.decoded``: refuse an unwritable one before
+    anything runs, unless it already holds finished caches (a read-only shared copy is read)."""
+    problem = _write_problem(folder)
+    if problem is None:
+        return
+    try:
+        built = any((entry / "index.json").is_file() for entry in folder.iterdir())
+    except OSError:
+        built = False
+    if not built:
+        raise UsageError(f"--decoded-cache: cannot write to {folder} ({problem}); make the data "
+                         "folder writable, choose another --data-dir, or run without "
+                         "--decoded-cache")
 
 
 def json_roundtrip(data):
@@ -206,6 +237,12 @@ def load_plan(run_dir: str) -> RunPlan:
     """The stored plan of a run folder, wherever the command is run from (the folder given wins
     over the stored path, so a moved run folder resumes too)."""
     path = Path(run_dir) / "run.json"
+    if not path.exists() and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+        # clbench run makes the folder first and writes run.json once data and backbone loaded
+        raise UsageError(f"--resume {run_dir}: the folder is empty: that run stopped before it "
+                         "started training (while loading data, building the decoded cache or "
+                         "loading the backbone), so nothing was computed; rerun the original "
+                         "command (an interrupted --decoded-cache build is simply redone)")
     if not path.exists():
         raise UsageError(f"--resume {run_dir}: no run.json there; pass a folder made by clbench run "
                          "(e.g. runs/<name>)")

@@ -8,9 +8,11 @@ disabled; then they do nothing. ``wandb`` is imported lazily so that importing t
 the CLI) stays fast.
 
 Modes: ``disabled`` (nothing), ``offline`` (written under ``<dir>/wandb/offline-run-*``, no network,
-no account; upload later with ``wandb sync``), ``online`` (needs an API key and the network: the
-connection is given :data:`ONLINE_TIMEOUT_S` seconds instead of wandb's 90, then a one-line
-:class:`~clbench.errors.UsageError` suggests ``--wandb offline``).
+no account; upload later with ``wandb sync``), ``online`` (needs an API key and the network: before
+anything runs or is written, :func:`check_mode` asks the W&B server for any HTTP answer within
+:data:`REACH_TIMEOUT_S` seconds, else one line suggests ``--wandb offline``; a run that still fails
+to start is given :data:`ONLINE_TIMEOUT_S` seconds instead of wandb's 90, then one line too, and
+the ``wandb/`` folder of that failed attempt is removed).
 No API key or other secret is ever put in a run config: keys that look like secrets are dropped.
 """
 from __future__ import annotations
@@ -24,18 +26,84 @@ from clbench.errors import UsageError
 
 MODES = ("disabled", "offline", "online")
 ONLINE_TIMEOUT_S = 20
+REACH_TIMEOUT_S = 10  # the whole reachability check, name resolution included
 
 _NO_KEY = "W&B online mode needs an API key: run `wandb login` or use --wandb offline"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
 
 
 def check_mode(mode: str) -> str:
-    """Validate ``mode``; for ``online`` also check that credentials exist (no network used)."""
+    """Validate ``mode``; for ``online`` also check that credentials exist and that the W&B
+    server answers within :data:`REACH_TIMEOUT_S` seconds (called before any work starts)."""
+    _check_credentials(mode)
+    if mode == "online":
+        check_reachable()
+    return mode
+
+
+def _check_credentials(mode: str) -> None:
     if mode not in MODES:
         raise UsageError(f"unknown W&B mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "online" and not _has_api_key():
         raise UsageError(_NO_KEY)
-    return mode
+
+
+def _server() -> tuple[str, dict]:
+    """The W&B server URL and proxies wandb itself will use: its system settings file
+    (``wandb login --host``), then ``WANDB_*`` environment variables."""
+    try:
+        from wandb.sdk.wandb_settings import Settings
+
+        settings = Settings()
+        config_dir = os.environ.get("WANDB_CONFIG_DIR")
+        settings.settings_system = str(Path(config_dir).expanduser() / "settings" if config_dir
+                                       else Path("~/.config/wandb/settings").expanduser())
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
+        proxies = {k: v for k, v in (("http", settings.http_proxy),
+                                     ("https", settings.https_proxy)) if v}
+        return settings.base_url, proxies
+    except Exception:  # noqa: BLE001 - another wandb version: the documented variable
+        return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai", {}
+
+
+def _reason(exc: BaseException) -> str:
+    import requests
+
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "no answer"
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    return errno.group(1).strip() if errno else type(exc).__name__
+
+
+def check_reachable(timeout: float | None = None) -> None:
+    """Any HTTP answer from the W&B server (the standard proxy variables apply) within
+    ``timeout`` seconds, all of it, DNS included; else one line. Nothing is written."""
+    import threading
+
+    import requests
+
+    timeout = REACH_TIMEOUT_S if timeout is None else timeout
+    url, proxies = _server()
+    outcome: dict = {}
+
+    def probe():
+        try:
+            requests.get(url, timeout=(timeout, timeout), proxies=proxies or None,
+                         allow_redirects=False).close()
+            outcome["answered"] = True
+        except Exception as exc:  # noqa: BLE001 - connection refused, DNS, TLS, timeout
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=probe, daemon=True, name="clbench-wandb-probe")
+    thread.start()
+    thread.join(timeout)
+    if outcome.get("answered"):
+        return
+    reason = _reason(outcome["error"]) if "error" in outcome else "no answer"
+    raise UsageError(f"W&B online: cannot reach {url} within {timeout:g} s ({reason}); check the "
+                     "network (and WANDB_BASE_URL or a proxy), or use --wandb offline and "
+                     "`wandb sync` the runs later")
 
 
 def _has_api_key() -> bool:
@@ -80,15 +148,17 @@ def start_run(mode: str, project: str, group: str, name: str, config: dict, dir:
     """Start a W&B run and return its handle, or ``None`` when ``mode == "disabled"``.
 
     Raises :class:`clbench.errors.UsageError` for an unknown mode, or for ``online`` without an
-    API key (``WANDB_API_KEY``, ``wandb login`` / ~/.netrc).
+    API key (``WANDB_API_KEY``, ``wandb login`` / ~/.netrc) or when the run cannot start (the
+    server is checked by :func:`check_mode` before any work starts, not again here).
     """
-    check_mode(mode)
+    _check_credentials(mode)
     if mode == "disabled":
         return None
     import wandb
 
     run_dir = Path(dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    own_folder = not (run_dir / "wandb").exists()
     try:
         return wandb.init(
             mode=mode,
@@ -103,6 +173,10 @@ def start_run(mode: str, project: str, group: str, name: str, config: dict, dir:
     except Exception as exc:  # noqa: BLE001 - wandb raises several types (CommError, ...)
         if mode != "online":
             raise
+        if own_folder:  # the failed attempt's logs: nothing of it is kept
+            import shutil
+
+            shutil.rmtree(run_dir / "wandb", ignore_errors=True)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"W&B online: could not start a run (timeout {ONLINE_TIMEOUT_S} s): "
                          f"{reason[:120]}; check the network and key, or use --wandb offline"

@@ -135,21 +135,49 @@ def test_coda_split_reads_lists_with_imagefolder_class_ids(local_data, tmp_path)
     assert sdlora.identity["hash"] != split.identity["hash"]
 
 
-def test_checksum_mismatch_deletes_the_download(local_data, tmp_path, monkeypatch):
+def test_checksum_mismatch_deletes_only_clbenchs_own_download(local_data, tmp_path, monkeypatch):
     good = imagenet_a.REMOTES["adam"]
     monkeypatch.setitem(imagenet_a.REMOTES, "adam", dataclasses.replace(good, md5="0" * 32))
     with pytest.raises(UsageError) as info:
         imagenet_a.ImageNetA(data_dir=tmp_path, download=True).load(16)
     assert str(info.value) == (f"checksum mismatch for ina.zip: expected {'0' * 32}, got "
-                               f"{good.md5}; the partial file was deleted, rerun with --download")
+                               f"{good.md5}; the download was deleted, rerun with --download")
     folder = tmp_path / "imagenet-a"
     assert not (folder / "ina.zip").exists() and not (folder / "ina.zip.part").exists()
     assert not marker_path(folder, "adam").exists()
-    # A file put in place by hand is verified the same way.
+    # A file put in place by hand (what the download-failure message invites) is verified the
+    # same way but never deleted: refused with both checksums, left for the user to replace.
     (folder / "ina.zip").write_bytes(b"not the archive")
-    with pytest.raises(UsageError, match="checksum mismatch for ina.zip"):
+    actual = datasets.file_digest(folder / "ina.zip", "md5")
+    with pytest.raises(UsageError) as info:
         imagenet_a.ImageNetA(data_dir=tmp_path, download=True).load(16)
-    assert not (folder / "ina.zip").exists()
+    assert str(info.value) == (
+        f"{folder / 'ina.zip'} is not the published ina.zip: its md5 is {actual}, expected "
+        f"{'0' * 32}; replace it with the published file, or remove it and rerun with "
+        "--download (clbench leaves it as is)")
+    assert (folder / "ina.zip").read_bytes() == b"not the archive"
+
+
+def test_hand_placed_coda_lists_with_a_wrong_checksum_are_kept(local_data, tmp_path, monkeypatch):
+    """CODA-Prompt's lists put beside the user's own images by hand: a wrong one is refused and
+    both lists stay where they are (nothing is downloaded over them either)."""
+    monkeypatch.setattr(datasets, "download_file", lambda *a: pytest.fail("downloaded"))
+    folder = tmp_path / "imagenet-r"
+    _own_coda_tree(local_data, folder, with_lists=True)
+    listed = folder / "imagenet-r_train.yaml"
+    listed.write_text(listed.read_text() + "# edited by hand\n")
+    before = listed.read_bytes()
+    coda = imagenet_r.ImageNetRConfig(split="coda")
+    for download in (False, True):
+        with pytest.raises(UsageError) as info:
+            imagenet_r.ImageNetR(coda, data_dir=tmp_path, download=download).load(16)
+        message = str(info.value)
+        assert message.startswith(f"{listed} is not the published imagenet-r_train.yaml: its "
+                                  f"sha256 is {datasets.file_digest(listed, 'sha256')}, expected "
+                                  f"{imagenet_r.REMOTES['coda-train'].sha256}")
+        assert "\n" not in message and "replace it" in message
+        assert listed.read_bytes() == before and (folder / "imagenet-r_test.yaml").is_file()
+    assert not marker_path(folder, "coda").exists()
 
 
 @pytest.mark.parametrize("kind", ["tar-dotdot", "tar-absolute", "tar-symlink", "zip-dotdot"])

@@ -163,6 +163,8 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
     (["--set", "finetune.lr=abc"], "expects float"),
     (["--precision", "fp8"], "invalid choice"),
     (["--name", "a/b"], "plain folder name"),
+    (["--seeds", "1993,1993"], "--seeds 1993,1993: 1993 given more than once; give each once"),
+    (["--methods", "finetune,linear-probe,finetune"], "finetune given more than once"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, cli, tmp_path):
     code, out, err = cli("run", "--methods", "finetune", "--out", tmp_path, *argv)
@@ -198,6 +200,41 @@ def test_unreadable_checkpoint_is_a_clear_error(cli, tmp_path):
     assert code == 2 and "cannot load checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+class NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["text", "pickled objects"])
+def test_checkpoint_that_is_not_a_state_dict_says_what_is_expected(kind, cli, tmp_path):
+    """Never torch's "retry with weights_only=False": clbench has no such option."""
+    import torch
+
+    path = tmp_path / "weights.pth"
+    if kind == "text":
+        path.write_text("these are my notes, not weights\n")
+    else:
+        torch.save({"model": NotATensor()}, path)
+    code, _, err = cli("run", "--methods", "finetune", "--checkpoint", path, "--out", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot load checkpoint {path}" in err and "weights_only" not in err
+    assert "expected the backbone's weights as a .safetensors file, or a .pth/.bin state dict" in err
+
+
+def test_checkpoint_of_another_model_is_refused_not_loaded_as_random_weights(cli, tmp_path):
+    """timm loads a file non-strictly once the classifier is dropped: a state dict of some other
+    model used to leave every backbone weight at its random initialisation, and the run went on."""
+    import torch
+
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(4, 4)}, path)
+    code, out, err = cli("run", "--methods", "linear-probe", "--tasks", "2", "--epochs", "1",
+                         "--checkpoint", path, "--out", tmp_path, "--no-report")
+    assert code == 2, err
+    assert (f"checkpoint {path} does not hold the weights of vit_tiny_patch16_224 (54 of 54 "
+            "tensors missing, e.g. cls_token)") in err and "Traceback" not in err
+    assert "task 1/" not in out and not list(tmp_path.rglob("results.json"))
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_a_single_process(tmp_path, cli, tiny_checkpoint):
     """torchrun with 2 CPU processes (gloo): same global batches, gradients averaged over ranks
@@ -230,6 +267,8 @@ def test_offline_without_cached_weights_fails_fast_with_advice(tmp_path, monkeyp
         load_backbone("vit-b16-in21k-ft-in1k")
     message = str(error.value)
     assert "vit_base_patch16_224.augreg2_in21k_ft_in1k" in message and "--checkpoint" in message
+    # a plugin benchmark without default_backbone lands here: name the embedded backbone too
+    assert "--backbone vit-tiny-letters" in message
 
 
 @pytest.mark.slow
