@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from clbench.datasets import ImageFiles
+from clbench.errors import UsageError
 
 
 def _size(path: Path) -> tuple[int, int]:
@@ -76,16 +78,75 @@ def _key(images: ImageFiles, transform) -> str:
     return digest.hexdigest()[:16]
 
 
+PARTIAL = ".partial-"  # + <key>-<host>-<pid>: a build in progress (renamed to <key> when done)
+_HOST = socket.gethostname().replace("/", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:  # pid out of range and the like: not a process of this machine
+        return False
+    return True
+
+
+def _owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a ``.partial-<key>-<host>-<pid>`` folder name; the host is ``_HOST`` for the
+    older ``.partial-<key>-<pid>`` names, which were only ever written on this machine's disk by
+    single-machine builds. ``None`` for a name that is not a partial build."""
+    if not name.startswith(PARTIAL):
+        return None
+    rest = name[len(PARTIAL):]
+    key, sep, owner = rest.partition("-")
+    host, _, pid = owner.rpartition("-")
+    if not (sep and key and pid.isdigit()):
+        return None
+    return host or _HOST, int(pid)
+
+
+def remove_abandoned_partials(folder: Path) -> list[Path]:
+    """Delete the half-written builds (``.partial-*``) of processes of this host that no longer
+    run (killed mid-build: gigabytes on ImageNet-R); a live process's build, or another host's
+    on a shared disk, is left alone. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no cache folder yet
+        return removed
+    for entry in entries:
+        owner = _owner(entry.name)
+        if owner is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        host, pid = owner
+        if host == _HOST and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
 def build(images: ImageFiles, folder: Path, processes: int, transformed: bool = False) -> Path:
     """Decode every image of ``images`` into ``folder/<key>/`` (once); returns that folder. With
-    ``transformed``, store the output of the images' own (fixed) transform instead."""
+    ``transformed``, store the output of the images' own (fixed) transform instead. The pixels
+    are written under ``folder/.partial-<key>-<host>-<pid>/`` and renamed when complete; a build
+    killed midway leaves that folder, which the next build removes (its process is gone), and is
+    simply done again by rerunning the same command."""
     transform = images.transform if transformed else None
     target = folder / _key(images, transform)
     if (target / "index.json").exists():
         return target
-    partial = folder / f".partial-{target.name}-{os.getpid()}"
+    remove_abandoned_partials(folder)
+    partial = folder / f"{PARTIAL}{target.name}-{_HOST}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:  # checked up front by the plan; a folder can still turn read-only
+        raise UsageError(f"--decoded-cache: cannot write to {folder} "
+                         f"({exc.strerror or type(exc).__name__}); make it writable, or run "
+                         "without --decoded-cache") from None
     paths = [images.root / name for name in images.files]
     with Pool(processes) as pool:
         if transform is None:
