@@ -94,12 +94,17 @@ class Benchmark:
 
     def check_tasks(self, n_tasks: int) -> None:
         """Refuse, in one line, a task count the protocol cannot train: not a positive integer,
-        one class per task (the current-task cross-entropy over a single logit is identically
-        0, so no method would learn anything), or a split that is not one of ``task_choices``."""
+        a single task (not class-incremental), one class per task (the current-task cross-entropy
+        over a single logit is identically 0, so no method would learn anything), or a split that
+        is not one of ``task_choices``."""
         choices = ", ".join(str(t) for t in self.task_choices if self.n_classes // t > 1)
         if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
             raise UsageError(f"--tasks must be a positive integer, got {n_tasks!r}; valid choices "
                              f"for {self.name}: {choices}")
+        if n_tasks == 1:
+            raise UsageError(f"--tasks 1 puts all {self.n_classes} classes of {self.name} in one "
+                             "task, which is not class-incremental (for the train-on-everything "
+                             f"upper bound use --methods joint); valid choices: {choices}")
         if self.n_classes // n_tasks < 2:
             raise UsageError(f"{self.name} has {self.n_classes} classes: --tasks {n_tasks} leaves "
                              "a task with a single class, where the current-task cross-entropy is "

@@ -10,7 +10,9 @@ list) and one decoding pass, done with all cores the first time.
 
 A fixed transform (the test transform: Resize, CenterCrop, PILToTensor) is applied once too: its
 output is what gets stored, so an evaluation reads ready uint8 tensors (3 × S × S bytes each) and
-does no image work at all. Any random step keeps the image stored as decoded pixels.
+does no image work at all; so does the class-statistics pass, which reads the training images
+under the test transform (``SplitData.statistics``, a second, smaller cache of the training set).
+Any random step keeps the image stored as decoded pixels.
 """
 from __future__ import annotations
 
@@ -207,7 +209,7 @@ class DecodedImages:
 
 def attach(split, folder: Path, processes: int, log=print):
     """Serve every ``ImageFiles`` part of ``split`` from the decoded cache under ``folder``."""
-    parts = {name: getattr(split, name) for name in ("train", "test")}
+    parts = {name: getattr(split, name) for name in ("train", "test", "statistics")}
     if not any(isinstance(part, ImageFiles) for part in parts.values()):
         log("--decoded-cache: this benchmark's images are already decoded in memory; nothing to do")
         return split

@@ -160,6 +160,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
     (["--seeds=-1"], "non-negative"), (["--seeds", " , "], "at least one value"),
     (["--tasks", "0"], "positive integer"), (["--tasks", "-1"], "positive integer"),
     (["--tasks", "10"], "identically 0"),
+    (["--tasks", "1"], "--tasks 1 puts all 10 classes of digits in one task, which is not class-incremental"),
     (["--set", "finetune.lr=abc"], "expects float"),
     (["--precision", "fp8"], "invalid choice"),
     (["--name", "a/b"], "plain folder name"),

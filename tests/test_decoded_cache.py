@@ -66,3 +66,16 @@ def test_a_fixed_transform_is_stored_applied_and_gives_the_same_items(tmp_path):
         expected, label = test[i]
         got, cached_label = split.test[i]
         assert got.dtype == torch.uint8 and torch.equal(got, expected) and label == cached_label
+
+
+def test_the_statistics_view_is_cached_after_the_test_transform(tmp_path):
+    """Class statistics read the training images under the test transform: stored applied, once."""
+    names = _files(tmp_path, 40)
+    targets = [i % 3 for i in range(len(names))]
+    train = ImageFiles(tmp_path / "imgs", names, targets, train_transform(16))
+    test = ImageFiles(tmp_path / "imgs", names[:3], targets[:3], eval_transform(16))
+    split = attach(SplitData(train, test, {}), tmp_path / "cache", 2, log=lambda *a: None)
+    assert isinstance(split.statistics, DecodedImages) and split.statistics.transformed
+    reference = ImageFiles(tmp_path / "imgs", names, targets, eval_transform(16))
+    for i in range(len(names)):
+        assert torch.equal(split.statistics[i][0], reference[i][0])
