@@ -29,10 +29,22 @@ lr 0.03·24/256 for the prompts and 0.1× that for the head (``--larger_prompt_l
 script, so 1× there), prompt momentum
 0.01, pool = number of tasks, top-1; ImageNet-R 150 epochs timm-cosine (min lr 1e-5), reg 0.5,
 length 20; CIFAR-100 50 epochs step (×0.1 every 30), reg 0.1, length 5; CUB 50 epochs step,
-reg 0.01, length 20. TII: 20 epochs constant, Adam lr 0.0005·24/256 (CUB 0.01·24/256). TAP: 30
+reg 0.01, length 20. TII: 20 epochs, Adam lr 0.0005·24/256 (CUB 0.01·24/256), the TII stage's own
+timm schedule (``--sched`` step in the ImageNet-R and CUB scripts, ×0.1 every 30 epochs, so
+constant over 20; constant in the CIFAR script). TAP: 30
 epochs SGD (momentum 0.9) with cosine annealing; output head lr 0.005 with 120 samples per class,
 TII head lr 0.005·24/256 with 24; each epoch runs (number of old classes) batches. DomainNet and
 ImageNet-A have no official config and get the ImageNet-R recipe.
+
+Schedules: the official timm scheduler itself (``timm.scheduler.create_scheduler`` with the
+configs' arguments: warmup 0, ``--min-lr``, ``--decay-epochs``, ``--decay-rate`` 0.1, no noise) on
+the parameter groups each official stage schedules: the prompt stage's on the prompt and output-head
+groups, so each decays from its own base lr to ``min_lr`` (the head at epoch 149 of 150 on
+ImageNet-R: 1.01e-5), and the TII stage's on the TII group over ``tii_epochs``. As in the official
+loops it is stepped with the finished epoch's index (``lr_scheduler.step(epoch)``), so epoch e
+trains at the value for e−1 (the first two at full rate). ``--lr`` scales ``min_lr`` with the other
+rates (clbench's budget flag, not an official argument), so a smaller ``--lr`` keeps every group's
+rate decreasing instead of rising towards an unscaled floor.
 
 Deviations (also in the README):
 * The official code runs TII as a separate stage over all tasks; here the TII head trains in the
@@ -42,8 +54,21 @@ Deviations (also in the README):
   (``multi-centroid``); clbench stores one full-covariance Gaussian per class (the paper's
   description, the official ``covariance`` option). Samples come from a generator seeded by
   (seed, task), so resumed runs draw the same samples.
-* The official timm schedulers are stepped after each epoch with the epoch index, so epoch e trains
-  at the rate of e−1 (the first two at full rate); clbench reproduces that sequence.
+* Prefix layout (an official bug; ``prompt_layout="official"`` reproduces it). The official
+  ``EPrompt.forward`` (peft/prompt/hide_prompt.py) indexes its (layers, 2, pool, L, heads, dim)
+  prompt to (layers, 2, B, top-k, L, …) and turns that into (layers, B, 2, L, …) with
+  ``.reshape`` where a permute of the key/value and batch axes belongs (the bug also reported for
+  dualprompt-pytorch and Mammoth). With more than one image per forward pass, image b then reads
+  flat rows 2b and 2b+1 of the (key/value, image) grid: while training (one prompt for the batch)
+  the first half of the batch gets the key half as both keys and values and the second half the
+  value half as both; at test time (one prompt per image, by predicted task) images get halves of
+  other images' prompts. With one image per pass both layouts agree. clbench computes the intended
+  split by default (image b: keys = its prompt's first L rows, values = the last L);
+  ``prompt_layout="official"`` applies the official reshape to every prompted pass (training,
+  statistics and evaluation) of whatever batch that pass sees, so the published numbers can be
+  reproduced as they were produced (the official passes use batch 24 everywhere, its evaluation
+  and per-class statistics loaders included; ``--set eval_batch_size=24`` matches the evaluation
+  batches).
 * In the official TAP, ``weight_decay=5e-4`` given to SGD is overridden by the parameter group's
   ``args.weight_decay`` = 0; clbench uses 0.
 * The official output head covers all classes from the start (unseen ones never trained); clbench's
@@ -52,11 +77,12 @@ Deviations (also in the README):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
+from timm.scheduler import create_scheduler
 from torch import nn
 from torch.nn import functional as F
 
@@ -142,22 +168,54 @@ def refine_on_replay(module: nn.Module, stats: ClassStatistics, n_classes: int, 
             schedule.step()
 
 
-def timm_epoch_factor(kind: str, epoch: int, epochs: int, lr: float, min_lr: float,
-                      decay_epochs: int, rate: float = 0.1) -> float:
-    """lr multiplier of epoch ``epoch`` under the official loop (timm scheduler stepped with the
-    finished epoch's index, so epoch e trains at the scheduler's value for e−1)."""
-    t = max(epoch - 1, 0)
-    if kind == "cosine":
-        return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))) / lr
-    if kind == "step":
-        return rate ** (t // decay_epochs)
-    return 1.0
+PROMPT_LAYOUTS = ("intended", "official")
+
+
+def official_layout(prompts: torch.Tensor) -> torch.Tensor:
+    """The prompts the official ``EPrompt.forward`` hands each image: ``prompts``
+    (layers, B, 2L, D), image b's key rows then value rows, put in the official
+    (layers, 2, B, L, D) order and *reshaped* (not permuted) to (layers, B, 2, L, D), returned as
+    (layers, B, 2L, D)."""
+    layers, b, rows, dim = prompts.shape
+    official_order = prompts.reshape(layers, b, 2, rows // 2, dim).transpose(1, 2)
+    return official_order.reshape(layers, b, rows, dim)
+
+
+def official_scheduler(groups: list[dict], sched: str, epochs: int, min_lr: float,
+                       decay_epochs: float):
+    """The official stage's timm scheduler over the parameter groups ``groups`` (dicts of one
+    optimizer, updated in place): ``create_scheduler(args, optimizer)`` with the arguments of
+    configs/*_hideprompt_5e.py; ``None`` for ``constant``, for which the official code builds
+    none."""
+    if sched == "constant" or not groups or epochs < 1:
+        return None
+    args = SimpleNamespace(sched=sched, epochs=epochs, min_lr=min_lr,
+                           decay_epochs=float(decay_epochs), decay_rate=0.1, warmup_lr=1e-6,
+                           warmup_epochs=0, cooldown_epochs=10, patience_epochs=10, lr_noise=None,
+                           lr_noise_pct=0.67, lr_noise_std=1.0)
+    scheduler, _ = create_scheduler(args, SimpleNamespace(param_groups=groups))
+    return scheduler
+
+
+class EpochIndexedSchedules:
+    """timm schedulers stepped as the official loops do: ``lr_scheduler.step(epoch)`` after epoch
+    ``epoch`` (0-based), so epoch e trains at the scheduler's value for e−1."""
+
+    def __init__(self, schedulers):
+        self.schedulers = [s for s in schedulers if s is not None]
+        self.epoch = 0
+
+    def step(self) -> None:
+        for scheduler in self.schedulers:
+            scheduler.step(self.epoch)
+        self.epoch += 1
 
 
 @dataclass
 class HiDePromptConfig(StatisticsOptions, PromptConfig):
     schedules: ClassVar[tuple[str, ...]] = ("cosine", "step", "constant")  # timm's
-    lr_scaled_fields: ClassVar[tuple[str, ...]] = ("tii_lr", "tap_lr", "tii_tap_lr")
+    # min_lr too: the cosine floor of every group, which must shrink with the rates it bounds
+    lr_scaled_fields: ClassVar[tuple[str, ...]] = ("tii_lr", "tap_lr", "tii_tap_lr", "min_lr")
     # ImageNet-R, supervised ViT-B/16 (training_scripts/train_imr_vit.sh)
     epochs: int = 150
     lr: float = 0.03 * 24 / 256
@@ -174,6 +232,7 @@ class HiDePromptConfig(StatisticsOptions, PromptConfig):
     temperature: float = 0.8
     tii_epochs: int = 20
     tii_lr: float = 0.0005 * 24 / 256
+    tii_schedule: str = "step"  # the TII stage's --sched (configs default; "constant" for CIFAR)
     tii_hidden_mult: int = 2
     tap_epochs: int = 30
     tap_lr: float = 0.005
@@ -181,16 +240,27 @@ class HiDePromptConfig(StatisticsOptions, PromptConfig):
     tii_tap_lr: float = 0.005 * 24 / 256
     tii_tap_samples_per_class: int = 24
     cov_jitter: float = 1e-4
+    # "intended": each image's keys/values are its prompt's first/last L rows; "official": the
+    # official EPrompt reshape (see the module docstring), to reproduce the published numbers
+    prompt_layout: str = "intended"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.tii_schedule not in self.schedules:
+            raise UsageError(f"hide-prompt: tii_schedule must be one of "
+                             f"{', '.join(self.schedules)}, got {self.tii_schedule!r}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise UsageError(f"hide-prompt: prompt_layout must be 'intended' (each image's own "
+                             f"key/value rows) or 'official' (the official EPrompt reshape), got "
+                             f"{self.prompt_layout!r}")
         if self.prompt_length < 1 or self.tii_hidden_mult < 1:
             raise UsageError("hide-prompt: prompt_length and tii_hidden_mult must be >= 1")
         if not 0 <= self.prompt_momentum < 1 or self.reg < 0 or self.temperature <= 0:
             raise UsageError("hide-prompt: prompt_momentum in [0, 1), reg >= 0, temperature > 0")
-        if min(self.tap_epochs, self.tii_epochs, self.decay_epochs) < 0 or min(
+        if min(self.tap_epochs, self.tii_epochs) < 0 or self.decay_epochs <= 0 or min(
                 self.tap_samples_per_class, self.tii_tap_samples_per_class) < 1:
-            raise UsageError("hide-prompt: epochs must be >= 0 and samples per class >= 1")
+            raise UsageError("hide-prompt: epochs must be >= 0, decay_epochs > 0 and samples per "
+                             "class >= 1")
 
 
 @register_method("hide-prompt", "HiDe-Prompt: task prompts (blocks 0-4) trained with a contrastive "
@@ -207,8 +277,9 @@ class HiDePrompt(PromptStrategy):
             return {"epochs": 5, "lr": 0.01, "batch_size": 32, "schedule": "constant",
                     "prompt_length": 4, "reg": 0.1, "tii_epochs": 5, "tii_lr": 1e-3,
                     "tap_epochs": 10, "tii_tap_lr": 0.005}
-        if benchmark == "cifar100":
-            return {"epochs": 50, "schedule": "step", "reg": 0.1, "prompt_length": 5}
+        if benchmark == "cifar100":  # train_cifar100_vit.sh: TII stage --sched constant
+            return {"epochs": 50, "schedule": "step", "reg": 0.1, "prompt_length": 5,
+                    "tii_schedule": "constant"}
         if benchmark == "cub200":
             # train_cub_vit.sh runs the prompt stage without --larger_prompt_lr
             return {"epochs": 50, "schedule": "step", "reg": 0.01, "tii_lr": 0.01 * 24 / 256,
@@ -249,6 +320,12 @@ class HiDePrompt(PromptStrategy):
         return (1 - m) * prompt + m * self.model.prompt[:, :task].detach().mean(dim=1)
 
     def prompted_features(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """CLS of the pass prompted with ``prompts`` (layers, [B,] 2L, D), laid out per
+        ``prompt_layout``."""
+        if self.config.prompt_layout == "official":
+            if prompts.dim() == 3:
+                prompts = prompts.unsqueeze(1).expand(-1, len(x), -1, -1)
+            prompts = official_layout(prompts)
         tokens = prompted_tokens(self.model.backbone, self.model.normalize(x),
                                  prefixes=self.prefixes(prompts))
         return tokens[:, 0]
@@ -283,13 +360,13 @@ class HiDePrompt(PromptStrategy):
         return torch.optim.Adam(groups, lr=c.lr, betas=(0.9, 0.999), weight_decay=0.0)
 
     def make_scheduler_for_task(self, optimizer):
-        c = self.config
-
-        def prompt_factor(epoch):
-            return timm_epoch_factor(c.schedule, epoch, c.epochs, c.lr, c.min_lr, c.decay_epochs)
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, [prompt_factor, prompt_factor,
-                                                             lambda epoch: 1.0])
+        """The prompt stage's timm scheduler on the prompt and head groups, the TII stage's on the
+        TII group: each group decays from its own base lr."""
+        c, groups = self.config, optimizer.param_groups
+        schedules = EpochIndexedSchedules([
+            official_scheduler(groups[:2], c.schedule, c.epochs, c.min_lr, c.decay_epochs),
+            official_scheduler(groups[2:], c.tii_schedule, c.tii_epochs, c.min_lr, c.decay_epochs)])
+        return schedules if schedules.schedulers else None
 
     def optimizer_step(self):
         if self.config.grad_clip > 0:  # the official two stages clip their own parameters

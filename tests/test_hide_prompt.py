@@ -1,18 +1,26 @@
 """HiDe-Prompt: parity with a reference written from the official thu-ml/HiDe-Prompt code (task
-identity from the original model's MLP head, prefix prompts, prompt momentum, contrastive
-regulariser), statistics, frozen old prompts and Gaussian replay from stored statistics only."""
+identity from the original model's MLP head, prefix prompts — the intended split and the official
+EPrompt reshape — prompt momentum, contrastive regulariser, the official timm schedulers per
+parameter group), statistics, frozen old prompts and Gaussian replay from stored statistics only."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from avalanche.core import SupervisedPlugin
+from timm.optim import create_optimizer
+from timm.scheduler import create_scheduler
 from torch.nn import functional as F
 
+from clbench import plan as run_plan
 from clbench.class_stats import ClassStatistics
+from clbench.errors import UsageError
 from clbench.methods import hide_prompt
-from clbench.methods.hide_prompt import (HiDePrompt, contrastive_regulariser, gaussian_replay,
-                                         timm_epoch_factor)
+from clbench.methods.hide_prompt import (HiDePrompt, HiDePromptConfig, contrastive_regulariser,
+                                         gaussian_replay, official_layout)
 from helpers import build, tensor_stream, tiny_vit
 from test_dualprompt import reference_forward
 
@@ -49,10 +57,31 @@ def reference_tii(s, x):
 
 
 def reference_prefixes(prompt, length):
-    """peft/prompt/hide_prompt.py EPrompt with prefix tuning: prompt (layers, 2, pool, L, D) —
-    here stored as (layers, pool, 2L, D) — per sample [:, :, idx]; dual index 0 keys, 1 values."""
+    """The intended split (clbench's default ``prompt_layout``): per-image prompts
+    (layers, B, 2L, D) — the official (layers, 2, pool, L, D) stored as (layers, pool, 2L, D),
+    indexed per image — give each image its own dual index 0 as keys and 1 as values. (The
+    official EPrompt reshape does not; see ``official_eprompt``.)"""
     return {layer: (prompt[layer][..., :length, :], prompt[layer][..., length:, :])
             for layer in range(prompt.shape[0])}
+
+
+def official_eprompt(prompt, idx, length, task=0, momentum=0.0):
+    """peft/prompt/hide_prompt.py ``EPrompt.forward`` with prefix tuning (top-1) on the strategy's
+    prompt: the official parameter is (layers, 2, pool, L, heads, D/heads) — here (layers, pool, 2L,
+    D), so the same weights are viewed in the official shape (heads merged); ``batched_prompt_raw
+    = prompt[:, :, idx]`` with idx (B, 1), while training with momentum mixed with the detached
+    mean of prompts [0, task) (``.mean(2, keepdim=True).unsqueeze(2).repeat(1, 1, B, …)``), then
+    ``.reshape(layers, B, 2, L, …)``; attention.py takes [:, 0] as key and [:, 1] as value
+    prefix."""
+    layers, pool, rows, dim = prompt.shape
+    official = prompt.reshape(layers, pool, 2, length, dim).permute(0, 2, 1, 3, 4)
+    raw = official[:, :, idx]  # layers, 2, B, 1, L, D
+    if momentum > 0:
+        old = official[:, :, 0:task].detach().clone().mean(2, keepdim=True).unsqueeze(2)
+        raw = (1 - momentum) * raw + momentum * old.repeat(1, 1, idx.shape[0], 1, 1, 1)
+    n, dual, b, top_k, length_, d = raw.shape
+    batched = raw.reshape(n, b, dual, top_k * length_, d)  # the official reshape
+    return {layer: (batched[layer][:, 0], batched[layer][:, 1]) for layer in range(n)}
 
 
 def test_inference_matches_the_official_uninstructed_then_prompted_passes():
@@ -175,18 +204,231 @@ def test_gaussian_replay_reproduces_the_stored_mean_and_covariance():
     torch.testing.assert_close(torch.cov(x.T), stats.covariances()[0], atol=0.08, rtol=0.05)
 
 
-def test_contrastive_regulariser_and_schedules_follow_the_official_formulas():
+def test_contrastive_regulariser_follows_the_official_formula():
     f, m = torch.randn(5, 8), torch.randn(3, 8)
     stacked = torch.cat([m, f])
     expected = F.cross_entropy(stacked @ stacked.T / 0.8, torch.arange(8))
     torch.testing.assert_close(contrastive_regulariser(f, m), expected)
-    # timm schedulers stepped with the finished epoch: epochs 0 and 1 at full rate
-    lr = 0.0028125
-    cos = [timm_epoch_factor("cosine", e, 150, lr, 1e-5, 30) for e in range(150)]
-    assert cos[0] == cos[1] == 1.0 and cos[2] < 1.0
-    assert cos[-1] * lr == pytest.approx(1e-5 + 0.5 * (lr - 1e-5) * (1 + math.cos(math.pi * 148 / 150)))
-    step = [timm_epoch_factor("step", e, 50, lr, 1e-5, 30) for e in range(50)]
-    assert step[30] == 1.0 and step[31] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------- schedules
+# configs/{imr,cifar100,cub}_hideprompt_5e.py argparse defaults (the first --weight-decay, 0.0,
+# is the default of dest weight_decay; the later --weight_decay 5e-4 never applies)
+OFFICIAL_ARGS = dict(opt="adam", opt_eps=1e-8, opt_betas=(0.9, 0.999), momentum=0.9,
+                     weight_decay=0.0, sched="step", warmup_lr=1e-6, min_lr=1e-5, decay_epochs=30.0,
+                     warmup_epochs=0, cooldown_epochs=10, patience_epochs=10, decay_rate=0.1,
+                     lr_noise=None, lr_noise_pct=0.67, lr_noise_std=1.0, seed=42)
+SCALE = 24 / 256  # args.lr * batch 24 / 256 in both trainers
+# training_scripts/train_*_vit.sh: (prompt stage flags, its group lrs), (TII stage flags, its lr)
+OFFICIAL_RECIPES = {
+    "imagenet-r": (dict(sched="cosine", epochs=150), [0.03 * SCALE, 0.03 * SCALE * 0.1],
+                   dict(epochs=20), 0.0005 * SCALE),
+    "cifar100": (dict(sched="step", epochs=50), [0.03 * SCALE, 0.03 * SCALE * 0.1],
+                 dict(sched="constant", epochs=20), 0.0005 * SCALE),
+    # no --larger_prompt_lr in the CUB script: create_optimizer(args, model), one lr for all
+    "cub200": (dict(epochs=50), [0.03 * SCALE, 0.03 * SCALE], dict(epochs=20), 0.01 * SCALE),
+}
+
+
+def official_stage_lrs(flags: dict, group_lrs: list[float]) -> list[list[float]]:
+    """Every group's lr at every epoch of an official stage: the optimizer built as
+    hideprompt_trainer.py / tii_trainer.py build it (timm create_optimizer over the param groups),
+    ``create_scheduler(args, optimizer)`` unless ``--sched constant`` (then none), and the engines'
+    ``lr_scheduler.step(epoch)`` after each epoch."""
+    args = SimpleNamespace(**{**OFFICIAL_ARGS, "lr": group_lrs[0], **flags})
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr,
+               "weight_decay": args.weight_decay} for lr in group_lrs]
+    optimizer = create_optimizer(args, groups)
+    scheduler = create_scheduler(args, optimizer)[0] if args.sched != "constant" else None
+    lrs = []
+    for epoch in range(args.epochs):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        if scheduler is not None:
+            scheduler.step(epoch)
+    return lrs
+
+
+def clbench_lrs(config: HiDePromptConfig, epochs: int) -> list[list[float]]:
+    """Every group's lr (prompt, head, TII) at every epoch: the strategy's optimizer and scheduler
+    stepped as the core steps it (``scheduler.step()`` after each epoch)."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    s = build(HiDePrompt, tiny_vit(dim=24, depth=5), n_tasks=10, **fields)
+    s.task, s.known_classes = 0, 0
+    s.model.head.grow(2)
+    s.before_task(0)
+    optimizer = s.make_optimizer_for_task(s.trainable_parameters())
+    scheduler = s.make_scheduler_for_task(optimizer)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        if scheduler is not None:
+            scheduler.step()
+    return lrs
+
+
+def recipe(benchmark: str, lr: float | None = None) -> HiDePromptConfig:
+    plan = run_plan.RunPlan(run_dir="unused", lr=lr)
+    return run_plan.method_config(HiDePrompt, benchmark, 10, plan, [])
+
+
+@pytest.mark.parametrize("benchmark", sorted(OFFICIAL_RECIPES))
+def test_every_group_follows_its_official_timm_schedule(benchmark):
+    prompt_flags, prompt_lrs, tii_flags, tii_lr = OFFICIAL_RECIPES[benchmark]
+    config = recipe(benchmark)
+    ours = clbench_lrs(config, config.epochs)
+    prompt_stage = official_stage_lrs(prompt_flags, prompt_lrs)
+    tii_stage = official_stage_lrs(tii_flags, [tii_lr])
+    assert len(ours) == len(prompt_stage) and config.tii_epochs == len(tii_stage)
+    for epoch, (lrs, official) in enumerate(zip(ours, prompt_stage)):
+        assert lrs[:2] == pytest.approx(official, rel=1e-12, abs=0), epoch
+    for epoch, official in enumerate(tii_stage):  # the TII loss stops after tii_epochs
+        assert ours[epoch][2] == pytest.approx(official[0], rel=1e-12, abs=0), epoch
+    assert ours[0] == pytest.approx([*prompt_lrs, tii_lr], rel=1e-12, abs=0)
+
+
+def test_imagenet_r_output_head_decays_to_min_lr_from_its_own_base():
+    lrs = clbench_lrs(recipe("imagenet-r"), 150)
+    head_base, prompt_base = 0.03 * SCALE * 0.1, 0.03 * SCALE
+    # epoch e trains at the value for e - 1: epochs 0 and 1 at the full rate
+    assert lrs[0][:2] == lrs[1][:2] == pytest.approx([prompt_base, head_base], rel=1e-12)
+    assert lrs[2][0] < prompt_base and lrs[2][1] < head_base
+    cosine = 0.5 * (1 + math.cos(math.pi * 148 / 150))
+    assert lrs[149][1] == pytest.approx(1e-5 + (head_base - 1e-5) * cosine, rel=1e-9)
+    assert lrs[149][1] == pytest.approx(1.0e-5, rel=0.02)  # the official 1.0e-5, not 1.1e-6
+    assert lrs[149][0] == pytest.approx(1e-5 + (prompt_base - 1e-5) * cosine, rel=1e-9)
+    assert all(lr[2] == pytest.approx(0.0005 * SCALE) for lr in lrs[:20])  # TII: step, ×0.1 at 31
+
+
+def test_the_core_loop_steps_the_schedules_after_each_epoch():
+    class LrSpy(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.lrs = []
+
+        def before_training_epoch(self, strategy, **kwargs):
+            self.lrs.append([g["lr"] for g in strategy.optimizer.param_groups])
+
+    spy = LrSpy()
+    stream = tensor_stream(n_classes=2, n_tasks=1, train_per_class=2)
+    s = build(HiDePrompt, tiny_vit(dim=24, depth=5), plugins=[spy], n_tasks=1, epochs=4, lr=0.01,
+              batch_size=4, prompt_length=2, schedule="cosine", min_lr=1e-4, tii_epochs=3,
+              tii_lr=0.002, tii_schedule="cosine", tap_epochs=1)
+    s.train(stream.train[0])
+    prompt_stage = official_stage_lrs(dict(sched="cosine", epochs=4, min_lr=1e-4), [0.01, 0.001])
+    tii_stage = official_stage_lrs(dict(sched="cosine", epochs=3, min_lr=1e-4), [0.002])
+    assert len(spy.lrs) == 4
+    for ours, official in zip(spy.lrs, prompt_stage):
+        assert ours[:2] == pytest.approx(official, rel=1e-12)
+    assert [lrs[2] for lrs in spy.lrs[:3]] == pytest.approx([lr[0] for lr in tii_stage], rel=1e-12)
+    assert spy.lrs[2][0] < spy.lrs[1][0] == spy.lrs[0][0]
+
+
+def test_a_small_lr_scales_min_lr_so_no_group_rate_ever_rises():
+    default = recipe("imagenet-r")
+    config = recipe("imagenet-r", lr=1e-6)  # below the unscaled min_lr 1e-5
+    assert config.min_lr == pytest.approx(default.min_lr * 1e-6 / default.lr, rel=1e-12)
+    lrs = clbench_lrs(config, config.epochs)
+    assert lrs[0] == pytest.approx([1e-6, 1e-7, default.tii_lr * 1e-6 / default.lr], rel=1e-12)
+    for group in range(3):
+        series = [lr[group] for lr in lrs]
+        assert all(b <= a for a, b in zip(series, series[1:])), group
+    assert lrs[-1][0] < lrs[0][0] and lrs[-1][1] < lrs[0][1]  # and the cosine still decays
+
+
+# ---------------------------------------------------------------------- prompt layout
+def test_official_layout_swaps_the_key_value_and_batch_axes_and_agrees_for_one_image():
+    length, dim = 3, 4
+    keys, values = torch.randn(5, length, dim), torch.randn(5, length, dim)
+    prompts = torch.cat([keys, values], dim=1).unsqueeze(0)  # 1 layer, 5 images, 2L, D
+    torch.testing.assert_close(official_layout(prompts[:, :1]), prompts[:, :1], rtol=0, atol=0)
+    # training: one prompt for the whole batch of 4; the first half reads the key rows twice,
+    # the second half the value rows twice
+    shared = prompts[:, :1].expand(-1, 4, -1, -1)
+    out = official_layout(shared)[0]
+    halves = [(keys, keys), (keys, keys), (values, values), (values, values)]
+    for image, (k, v) in enumerate(halves):
+        torch.testing.assert_close(out[image], torch.cat([k[0], v[0]]), rtol=0, atol=0)
+    # test time: each image its own prompt; image b reads flat rows 2b, 2b+1 of (key/value, image)
+    out = official_layout(prompts[:, :2])[0]
+    torch.testing.assert_close(out[0], torch.cat([keys[0], keys[1]]), rtol=0, atol=0)
+    torch.testing.assert_close(out[1], torch.cat([values[0], values[1]]), rtol=0, atol=0)
+
+
+def _with_tii_of_several_tasks(s, x):
+    """Class rows = each sample's own TII feature, so the batch spans several task identities."""
+    with torch.no_grad():
+        t = s.model.tii
+        f = s.model.backbone.forward_features(x)[:, 0]
+        h = t.norm(f + t.fc2(F.gelu(t.fc1(f))))
+        t.head.fc.weight.copy_(h - h.mean(0))
+        t.head.fc.bias.copy_(-(h.mean(0) * (h - h.mean(0))).sum(1))
+        return reference_tii(s, x).argmax(dim=1) // 2
+
+
+def test_official_layout_at_test_time_matches_the_official_eprompt_reshape():
+    s = make(prompt_layout="official")
+    intended = make()
+    intended.model.load_state_dict(s.model.state_dict())
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5])
+    tasks = _with_tii_of_several_tasks(s, x)
+    intended.model.tii.load_state_dict(s.model.tii.state_dict())
+    assert len(set(tasks.tolist())) > 1
+    with torch.no_grad():
+        expected = reference_forward(s.model.backbone, x,
+                                     official_eprompt(s.model.prompt, tasks.unsqueeze(-1), 3),
+                                     s.model.head)
+        own = reference_forward(s.model.backbone, x,
+                                reference_prefixes(s.model.prompt[:, tasks], 3), s.model.head)
+        batch(s, x, y, training=False, task=2)
+        batch(intended, x, y, training=False, task=2)
+        torch.testing.assert_close(s.forward(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(intended.forward(), own, rtol=1e-5, atol=1e-5)
+    assert (expected - own).abs().max() > 1e-2  # the two layouts differ for batch > 1
+
+
+def test_official_layout_in_training_matches_the_official_eprompt_with_momentum():
+    s = make(prompt_layout="official", prompt_momentum=0.3)
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([4, 5, 4, 5])
+    s.known_classes, s._old_means = 4, torch.randn(4, 24)
+    batch(s, x, y, training=True, task=2)
+    logits = s.forward()
+    with torch.no_grad():
+        idx = torch.full((4, 1), 2)  # prompt_mask: the task's prompt for every image
+        prefixes = official_eprompt(s.model.prompt, idx, 3, task=2, momentum=0.3)
+        expected = reference_forward(s.model.backbone, x, prefixes, s.model.head)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    logits.sum().backward()  # gradients reach the current prompt through the reshape
+    assert torch.all(s.model.prompt.grad[:, :2] == 0) and s.model.prompt.grad[:, 2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layouts_agree_for_one_image_and_differ_for_more(training):
+    official, intended = make(prompt_layout="official"), make()
+    intended.model.load_state_dict(official.model.state_dict())
+    y = torch.tensor([4, 5, 4, 5]) if training else torch.arange(6)  # six TII classes
+    x = torch.rand(len(y), 3, 16, 16)
+    if not training:
+        assert len(set(_with_tii_of_several_tasks(official, x).tolist())) > 1
+        intended.model.tii.load_state_dict(official.model.tii.state_dict())
+    outputs = {}
+    with torch.no_grad():
+        for name, s in (("official", official), ("intended", intended)):
+            s.known_classes, s._old_means = 4, torch.randn(4, 24)
+            batch(s, x[:1], y[:1], training=training, task=2)
+            one = s.forward()
+            batch(s, x, y, training=training, task=2)
+            outputs[name] = (one, s.forward())
+    torch.testing.assert_close(outputs["official"][0], outputs["intended"][0], rtol=1e-6, atol=1e-6)
+    assert (outputs["official"][1] - outputs["intended"][1]).abs().max() > 1e-2
+
+
+def test_config_rejects_unknown_layouts_and_tii_schedules():
+    with pytest.raises(UsageError, match="prompt_layout"):
+        HiDePromptConfig(prompt_layout="permuted")
+    with pytest.raises(UsageError, match="tii_schedule"):
+        HiDePromptConfig(tii_schedule="linear")
+    with pytest.raises(UsageError, match="decay_epochs"):
+        HiDePromptConfig(decay_epochs=0)
 
 
 def test_checkpoint_resume_restores_prompts_heads_and_statistics():
