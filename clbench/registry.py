@@ -56,10 +56,10 @@ class Registry:
         if self._discovered:
             return
         self._discovered = True
-        package = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
+        package = importlib.import_module(self.package)  # family folders: walk them all
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{self.package}."):
+            if not info.name.rpartition(".")[2].startswith("_"):
+                importlib.import_module(info.name)
         for ep in entry_points(group=self.package):
             self._origin = f"entry point {ep.value}"
             try:

@@ -1,8 +1,8 @@
 """The base class every method subclasses: an Avalanche ``SupervisedTemplate`` with the shared
 class-incremental head, the current-task loss, per-task optimisers and exact evaluation counts.
 
-A method overrides only what differs (``methods/finetune.py`` is the smallest example,
-``methods/simplecil.py`` one that learns without gradients):
+A method overrides only what differs (``methods/reference/finetune.py`` is the smallest example,
+``methods/prototype/simplecil.py`` one that learns without gradients):
 
 * ``prepare_model(model)``: model surgery once, before training (adapters, prompts, freezing);
 * ``validate(config, context)`` (class method): checks that need the run, run before any job;

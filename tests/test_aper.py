@@ -5,8 +5,8 @@ import copy
 import torch
 from torch.nn import functional as F
 
-from clbench import parallel_adapter
-from clbench.methods.aper import APER
+from clbench.methods.prototype import parallel_adapter
+from clbench.methods.prototype.aper import APER
 from helpers import build, tensor_stream, tiny_vit
 
 
@@ -118,7 +118,7 @@ def reference_ssf_vit(plain, ssf, x):
 
 
 def test_ssf_matches_the_official_ssf_vit_and_switches_off():
-    from clbench.methods import aper_ssf
+    from clbench.methods.prototype import ssf as aper_ssf
 
     vit = tiny_vit()
     plain = copy.deepcopy(vit)
@@ -132,7 +132,7 @@ def test_ssf_matches_the_official_ssf_vit_and_switches_off():
 
 
 def test_aper_with_ssf_tunes_only_scales_and_shifts_on_the_first_task():
-    from clbench.methods.ranpac import RanPAC
+    from clbench.methods.prototype.ranpac import RanPAC
 
     assert APER.defaults_for("imagenet-r", 5, peft="ssf")["lr"] == 0.01  # exps/aper_ssf
     assert RanPAC.defaults_for("imagenet-r", 5)["peft"] == "ssf"  # args/imagenetr_publish.csv

@@ -102,7 +102,7 @@ def test_plugin_file_registers_and_runs_a_new_method(tmp_path, cli, tiny_checkpo
     plugin = tmp_path / "my_method.py"
     plugin.write_text(textwrap.dedent('''
         from clbench.registry import register_method
-        from clbench.methods.finetune import LinearProbe
+        from clbench.methods.reference.finetune import LinearProbe
 
         @register_method("head-only-plugin", "a linear probe defined outside clbench")
         class HeadOnly(LinearProbe):
@@ -124,7 +124,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
     (package / "ep_plugin_pkg").mkdir(parents=True)
     (package / "ep_plugin_pkg" / "__init__.py").write_text(textwrap.dedent('''
         from clbench.registry import register_method
-        from clbench.methods.finetune import LinearProbe
+        from clbench.methods.reference.finetune import LinearProbe
 
         @register_method("entry-point-probe", "installed through an entry point")
         class EntryPointProbe(LinearProbe):

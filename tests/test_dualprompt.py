@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from clbench.context import RunContext
 from clbench.errors import UsageError
-from clbench.methods.dualprompt import DualPrompt, DualPromptConfig
+from clbench.methods.prompt.dualprompt import DualPrompt, DualPromptConfig
 from helpers import build, tensor_stream, tiny_vit
 
 

@@ -2,8 +2,8 @@
 every subspace, the complement is the paper's similarity-weighted combination, reweighted logits."""
 import torch
 
-from clbench import parallel_adapter
-from clbench.methods.ease import EASE
+from clbench.methods.prototype import parallel_adapter
+from clbench.methods.prototype.ease import EASE
 from helpers import build, tensor_stream, tiny_vit
 
 

@@ -18,8 +18,8 @@ from torch.nn import functional as F
 from clbench import plan as run_plan
 from clbench.class_stats import ClassStatistics
 from clbench.errors import UsageError
-from clbench.methods import hide_prompt
-from clbench.methods.hide_prompt import (HiDePrompt, HiDePromptConfig, contrastive_regulariser,
+from clbench.methods.prompt import hide_prompt
+from clbench.methods.prompt.hide_prompt import (HiDePrompt, HiDePromptConfig, contrastive_regulariser,
                                          gaussian_replay, official_layout)
 from helpers import build, tensor_stream, tiny_vit
 from test_dualprompt import reference_forward

@@ -9,7 +9,8 @@ from torch.nn import functional as F
 from clbench.adapters import merged
 from clbench.context import RunContext
 from clbench.errors import UsageError
-from clbench.methods.inflora import InfLoRA, InfLoRAAdapter, InfLoRACA, subspace
+from clbench.methods.lora import subspace
+from clbench.methods.lora.inflora import InfLoRA, InfLoRAAdapter, InfLoRACA
 
 DIM = 48
 

@@ -1,4 +1,4 @@
-"""Shared prompt/prefix injection (clbench.prompting) and the L2P, L2P++ and CODA-Prompt methods."""
+"""Shared prompt/prefix injection (clbench.methods.prompt) and the L2P, L2P++ and CODA-Prompt methods."""
 from __future__ import annotations
 
 import collections
@@ -11,11 +11,11 @@ timm = pytest.importorskip("timm")
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from clbench import prompting  # noqa: E402
+from clbench.methods import prompt as prompting  # noqa: E402
 from clbench.benchmark import SplitData  # noqa: E402
-from clbench.methods.coda_prompt import (CodaPrompt, component_weights,  # noqa: E402
+from clbench.methods.prompt.coda_prompt import (CodaPrompt, component_weights,  # noqa: E402
                                          gram_schmidt_rows, ortho_penalty)
-from clbench.methods.l2p import (L2P, L2PPlusPlus, PromptPool, pull_loss,  # noqa: E402
+from clbench.methods.prompt.l2p import (L2P, L2PPlusPlus, PromptPool, pull_loss,  # noqa: E402
                                  select_prompts)
 from clbench.context import RunContext  # noqa: E402
 from clbench.errors import UsageError  # noqa: E402

@@ -5,9 +5,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
-from clbench import parallel_adapter
+from clbench.methods.prototype import parallel_adapter
 from clbench.class_stats import ClassStatistics
-from clbench.methods.ranpac import RIDGES, RanPAC, holdout_mask
+from clbench.methods.prototype.ranpac import RIDGES, RanPAC, holdout_mask
 from helpers import build, tensor_stream, tiny_vit
 
 

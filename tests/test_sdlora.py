@@ -20,11 +20,11 @@ from clbench.context import RunContext
 from clbench.errors import UsageError
 from clbench.hparams import parse_override
 from clbench.registry import METHODS
-from clbench.methods.sdlora.adapter import DecoupledLoRA, least_squares_fit
+from clbench.methods.lora.sdlora.adapter import DecoupledLoRA, least_squares_fit
 from clbench.strategy import CLModel
 
 SDLoRA, SDLoRARR, SDLoRAKD = (METHODS.get(n) for n in ("sdlora", "sdlora-rr", "sdlora-kd"))
-from clbench.methods.sdlora import rank_for_task  # noqa: E402  (after registry discovery)
+from clbench.methods.lora.sdlora import rank_for_task  # noqa: E402  (after registry discovery)
 
 
 def lora_model(depth=2):

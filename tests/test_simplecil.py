@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from clbench.methods.simplecil import SimpleCIL
+from clbench.methods.prototype.simplecil import SimpleCIL
 from helpers import build, tensor_stream, tiny_vit
 
 

@@ -11,13 +11,13 @@ from torch.utils.data import Dataset
 
 from clbench.adapters import merged
 from clbench.benchmark import SplitData
-from clbench.methods.aper import APER
-from clbench.methods.ease import EASE
-from clbench.methods.hide_prompt import HiDePrompt
-from clbench.methods.inflora.ca import InfLoRACA
-from clbench.methods.ranpac import RanPAC
-from clbench.methods.simplecil import SimpleCIL
-from clbench.prompting import query_features
+from clbench.methods.prototype.aper import APER
+from clbench.methods.prototype.ease import EASE
+from clbench.methods.prompt.hide_prompt import HiDePrompt
+from clbench.methods.lora.inflora.ca import InfLoRACA
+from clbench.methods.prototype.ranpac import RanPAC
+from clbench.methods.prototype.simplecil import SimpleCIL
+from clbench.methods.prompt import query_features
 from clbench.streams import build_stream
 from helpers import build, tiny_vit
 

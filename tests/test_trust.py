@@ -100,7 +100,7 @@ def test_plugin_taking_a_builtin_name_is_refused(cli, quick, tmp_path):
     plugin = tmp_path / "clash.py"
     plugin.write_text(textwrap.dedent('''
         from clbench.registry import register_method
-        from clbench.methods.finetune import LinearProbe
+        from clbench.methods.reference.finetune import LinearProbe
 
         @register_method("sdlora", "not SD-LoRA at all")
         class Impostor(LinearProbe):
@@ -133,7 +133,7 @@ def test_method_that_changes_its_backbone_resumes_identically(cli, quick, tmp_pa
     plugin = tmp_path / "ewc_like.py"
     plugin.write_text(textwrap.dedent('''
         from clbench.registry import register_method
-        from clbench.methods.finetune import LinearProbe
+        from clbench.methods.reference.finetune import LinearProbe
 
         @register_method("backbone-trainer", "trains the backbone too")
         class BackboneTrainer(LinearProbe):

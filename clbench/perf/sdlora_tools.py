@@ -10,7 +10,7 @@ from torch import nn
 
 def adapter_class():
     """SD-LoRA's adapter. The one place perf names the module that holds it."""
-    from clbench.methods.sdlora.adapter import DecoupledLoRA
+    from clbench.methods.lora.sdlora.adapter import DecoupledLoRA
 
     return DecoupledLoRA
 

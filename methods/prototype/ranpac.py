@@ -44,7 +44,7 @@ import torch
 from clbench.class_stats import ClassStatistics
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
-from clbench.methods.aper import AdapterConfig, FirstSessionTuning
+from clbench.methods.prototype.first_session import AdapterConfig, FirstSessionTuning
 from clbench.registry import register_method
 
 RIDGES = tuple(10.0 ** k for k in range(-8, 9))

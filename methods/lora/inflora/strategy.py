@@ -52,8 +52,8 @@ from torch import nn
 from clbench.adapters import install_qkv_adapters, merged
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
-from clbench.methods.inflora.adapter import InfLoRAAdapter
-from clbench.methods.inflora.subspace import LayerMemory, SecondMoments, design_down, threshold
+from clbench.methods.lora.inflora.adapter import InfLoRAAdapter
+from clbench.methods.lora.subspace import LayerMemory, SecondMoments, design_down, threshold
 from clbench.registry import register_method
 from clbench.schedules import cosine_per_epoch
 from clbench.strategy import CLStrategy

@@ -4,7 +4,7 @@ whose numbers the CODA-Prompt, InfLoRA and SD-LoRA papers report for DualPrompt.
 
 * **G-prompt** (general, shared by all tasks): in blocks 0-1, one L_g × D prompt per block whose
   first L_g/2 rows are prepended to the block's attention keys and the last L_g/2 to its values
-  (prefix tuning through ``clbench.prompting``). It trains in every task.
+  (prefix tuning through ``clbench.methods.prompt``). It trains in every task.
 * **E-prompts** (expert, one per task): in blocks 2-4, a pool of T prompts of L_e × D per block,
   each block with its own keys (T × D). While training task t, every sample uses E-prompt t and
   the pull term Σ_blocks Σ_batch (1 − cos(q(x), k_t)) (weight 1, summed, as in the official code)
@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.errors import UsageError
-from clbench.prompting import PromptConfig, PromptStrategy, check_promptable, prompted_tokens
+from clbench.methods.prompt import PromptConfig, PromptStrategy, check_promptable, prompted_tokens
 from clbench.registry import register_method
 
 
@@ -101,7 +101,7 @@ class DualPrompt(PromptStrategy):
 
     @classmethod
     def _blocks(cls, config, depth: int) -> tuple[list[int], list[int]]:
-        from clbench.prompting import prompt_blocks
+        from clbench.methods.prompt import prompt_blocks
 
         default = type(config)()
         g = prompt_blocks(config.g_blocks, default.g_blocks, depth, "dualprompt.g_blocks") \

@@ -36,7 +36,7 @@ from clbench.adapters import merged
 from clbench.class_stats import StatisticsOptions
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
-from clbench.methods.inflora.strategy import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
+from clbench.methods.lora.inflora.strategy import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
 from clbench.registry import register_method
 
 # Official configs/mimg10_infloraca.json (InfLoRA_CA) and configs/cifar100_infloraca.json (_CA1).

@@ -1,24 +1,10 @@
-"""SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models:
-Generalizability and Adaptivity are All You Need", IJCV 2024; official code
-zhoudw-zdw/RevisitingCIL ``models/simplecil.py``, also LAMDA-PILOT ``models/simplecil.py``).
+"""The prototype family's base (SimpleCIL, APER, RanPAC, EASE; the coming MOS, TUNA, SLCA).
 
-No training at all: after each task, the prototype of every new class is the mean of the frozen
-pretrained backbone's features (CLS after the final norm) over the class's training images; a
-test image goes to the class whose prototype has the highest cosine similarity
-(``CosineLinear`` whose weights are the prototypes; its scale σ = 1 does not change the argmax).
-Old prototypes never change, so forgetting comes only from new classes competing.
-
-This module also holds what the LAMDA family shares (APER, RanPAC and EASE import it):
-``CosineHead`` (the codes' ``CosineLinear`` with learnable σ, used to tune adapters) and
-``PrototypeStrategy`` (tasks learnt without gradient steps, class statistics in float64 sums
-through ``clbench.class_stats``, first-session SGD + cosine annealing as in the official codes).
-
-Deviations from the official code:
-* none in the statistics: prototypes are class means over the task's training images under the
-  test transform, as the official code computes them (``stats_transform="train"`` uses the
-  augmented training loader instead, an ablation);
-* the official configs use ``vit_base_patch16_224_in21k`` (RevisitingCIL) or
-  ``vit_base_patch16_224`` (LAMDA-PILOT); here the benchmark's/run's backbone is used.
+``PrototypeStrategy``: tasks learnt without gradient steps (``epochs_for_task == 0`` builds no
+optimiser), class statistics in float64 sums through ``clbench.class_stats`` from the training
+images under the test transform, first-session SGD + cosine annealing as in the LAMDA codes.
+``CosineHead`` is the codes' ``CosineLinear`` (learnable σ); ``ClassMeanPrototypes`` keeps
+class-mean prototypes with their checkpoint state.
 """
 from __future__ import annotations
 
@@ -31,7 +17,6 @@ from torch.nn import functional as F
 
 from clbench.class_stats import ClassStatistics, StatisticsOptions, collect
 from clbench.hparams import TrainConfig
-from clbench.registry import register_method
 from clbench.strategy import CLStrategy, IncrementalHead
 
 
@@ -164,35 +149,3 @@ class ClassMeanPrototypes:
         super().restore_structure(state)
         self.statistics.load_state_dict(state["statistics"])
         self._cache_prototypes()
-
-
-@dataclass
-class SimpleCILConfig(PrototypeConfig):
-    """Nothing trains: ``epochs`` is unused (kept 0 so the resolved config says so)."""
-
-    epochs: int = 0
-
-
-@register_method("simplecil", "SimpleCIL: cosine to class-mean prototypes of the frozen "
-                              "pretrained features, no training, 1 forward pass")
-class SimpleCIL(ClassMeanPrototypes, PrototypeStrategy):
-    Config = SimpleCILConfig
-    forward_passes_per_image = 1
-
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        # Official exps/simplecil/*.json: batch 48 for the prototype pass; nothing trains.
-        return {"epochs": 0}
-
-    def prepare_model(self, model) -> None:
-        model.backbone.requires_grad_(False)
-        self.statistics = ClassStatistics(model.head.in_features, second_moments=False)
-
-    def features_for_prototypes(self, images):
-        return self.model.features(images)
-
-    def after_task(self, task: int) -> None:
-        self.update_prototypes()
-
-    def task_info(self) -> dict:
-        return {"prototypes": int(self.statistics.n_classes)}

@@ -3,7 +3,7 @@ Learning", CVPR 2024; official code sun-hailong/CVPR24-Ease ``models/ease.py``,
 ``backbone/vit_ease.py``, ``backbone/linears.py``; also LAMDA-PILOT ``models/ease.py``).
 
 * Task t adds one new set of parallel adapters (every block; bottleneck 64, scale 0.1,
-  dropout 0.1, "lora" init: ``clbench.parallel_adapter``), trained on task t only with a fresh
+  dropout 0.1, "lora" init: ``clbench.methods.prototype.parallel_adapter``), trained on task t only with a fresh
   cosine head over the task's classes (σ reset to 1); older adapters are frozen. SGD momentum 0.9,
   ``weight_decay``, CosineAnnealingLR(T_max=epochs, eta_min=min_lr) — the same recipe every task.
 * After task t, adapter s (s ≤ t) defines subspace s: the CLS feature of the backbone run with
@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from clbench import parallel_adapter
+from clbench.methods.prototype import parallel_adapter
 from clbench.class_stats import ClassStatistics
 from clbench.errors import UsageError
-from clbench.methods.aper import AdapterConfig
-from clbench.methods.simplecil import CosineHead, PrototypeStrategy
+from clbench.methods.prototype.first_session import AdapterConfig
+from clbench.methods.prototype.base import CosineHead, PrototypeStrategy
 from clbench.registry import register_method
 
 _CIFAR = dict(epochs=20, lr=0.025, batch_size=48, weight_decay=5e-4, min_lr=0.0, ffn_num=64,

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
-from clbench.prompting import injection
+from clbench.methods.prompt import injection
 from clbench.schedules import cosine_per_epoch
 from clbench.strategy import CLStrategy
 

@@ -2,6 +2,6 @@
 low-rank adapter they install on every block's fused qkv (``adapter.py``).
 
 Importing the package registers ``sdlora``, ``sdlora-rr`` and ``sdlora-kd``."""
-from clbench.methods.sdlora.adapter import DecoupledLoRA, SDLoRAQKV, least_squares_fit  # noqa: F401
-from clbench.methods.sdlora.strategy import (SDLoRA, SDLoRAConfig, SDLoRAKD, SDLoRARR,  # noqa: F401
+from clbench.methods.lora.sdlora.adapter import DecoupledLoRA, SDLoRAQKV, least_squares_fit  # noqa: F401
+from clbench.methods.lora.sdlora.strategy import (SDLoRA, SDLoRAConfig, SDLoRAKD, SDLoRARR,  # noqa: F401
                                              rank_for_task)

@@ -54,7 +54,7 @@ import torch
 
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
-from clbench.methods.sdlora.adapter import DecoupledLoRA
+from clbench.methods.lora.sdlora.adapter import DecoupledLoRA
 from clbench.registry import register_method
 from clbench.strategy import CLStrategy
 

@@ -3,7 +3,7 @@ Learning"; official code thu-ml/HiDe-Prompt: trainers/tii_trainer.py + engines/h
 for task-identity inference, trainers/hideprompt_trainer.py + engines/hide_promtp_wtp_and_tap_engine.py
 + vits/hide_prompt_vision_transformer.py + peft/prompt/hide_prompt.py for the prompts).
 
-Three parts, all on the frozen pretrained ViT (prefixes through ``clbench.prompting``):
+Three parts, all on the frozen pretrained ViT (prefixes through ``clbench.methods.prompt``):
 
 * **Within-task prediction (WTP).** One prompt per task and prompted block (blocks 0-4), L key and
   L value rows each, ``uniform(-1, 1)``; task t's prompt starts as a copy of task t-1's. While
@@ -88,7 +88,7 @@ from torch.nn import functional as F
 
 from clbench.class_stats import ClassStatistics, StatisticsOptions, collect
 from clbench.errors import UsageError
-from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
                                query_features)
 from clbench.registry import register_method
 from clbench.strategy import IncrementalHead

@@ -4,7 +4,7 @@ Per prompted block l, M prompt components P_m (L_p × D) with keys K_m and atten
 (both in R^D). For the frozen ViT's un-prompted CLS query q(x), every active component gets the
 weight α_m = cos(q ⊙ A_m, K_m) (no softmax, no top-k), the block's prompt is Σ_m α_m P_m, and its
 first L_p/2 rows are prepended to that block's attention keys, the last L_p/2 to its values
-(prefix tuning via ``clbench.prompting``). The head reads the prompted pass's CLS token.
+(prefix tuning via ``clbench.methods.prompt``). The head reads the prompted pass's CLS token.
 
 The M components are split evenly over the T tasks (M/T slots per task, all allocated up front as
 in the official code). At the start of task t, slots [t·M/T, (t+1)·M/T) of P (flattened), K and A
@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.errors import UsageError
-from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
                                split_prefix)
 from clbench.registry import register_method
 

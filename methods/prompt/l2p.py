@@ -3,7 +3,7 @@
 A pool of M prompts, each with a learnable key. The frozen ViT's un-prompted CLS feature q(x) is
 matched to the keys by cosine similarity; the top-N prompts are used, and a pull term draws the
 selected keys toward the queries. The ViT, both passes, stays frozen: only prompts, keys and the
-head train. The prompt injection and the two-pass strategy base live in ``clbench.prompting``.
+head train. The prompt injection and the two-pass strategy base live in ``clbench.methods.prompt``.
 
 ``l2p`` (paper / official JAX + PyTorch port): M = 10, L_p = 5, N = 5, batch-wise selection
 (the N prompts most often in the batch's per-sample top-N go to every sample, at training and
@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.errors import UsageError
-from clbench.prompting import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
                                split_prefix)
 from clbench.registry import register_method
 

@@ -1,8 +1,0 @@
-"""InfLoRA and InfLoRA+CA: the strategies (``strategy.py``, ``ca.py``), the adapter with a
-designed down-projection (``adapter.py``) and the GPM/DualGPM input-subspace memory
-(``subspace.py``).
-
-Importing the package registers ``inflora`` and ``inflora-ca``."""
-from clbench.methods.inflora.adapter import InfLoRAAdapter  # noqa: F401
-from clbench.methods.inflora.ca import InfLoRACA  # noqa: F401
-from clbench.methods.inflora.strategy import InfLoRA, InfLoRAConfig  # noqa: F401

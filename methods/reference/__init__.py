@@ -1,0 +1,2 @@
+"""Reference points: sequential fine-tuning (lower bound), linear probe, joint training (upper
+bound, never ranked)."""
