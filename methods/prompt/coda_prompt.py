@@ -1,26 +1,13 @@
 """CODA-Prompt (Smith et al., CVPR 2023; official repo GT-RIPL/CODA-Prompt, models/zoo.py).
 
-Per prompted block l, M prompt components P_m (L_p × D) with keys K_m and attention vectors A_m
-(both in R^D). For the frozen ViT's un-prompted CLS query q(x), every active component gets the
-weight α_m = cos(q ⊙ A_m, K_m) (no softmax, no top-k), the block's prompt is Σ_m α_m P_m, and its
-first L_p/2 rows are prepended to that block's attention keys, the last L_p/2 to its values
-(prefix tuning via ``clbench.methods.prompt``). The head reads the prompted pass's CLS token.
+Per prompted block l, M prompt components P_m with keys K_m and attention vectors A_m. For the
+frozen ViT's un-prompted CLS query q(x), every active component gets the weight
+α_m = cos(q ⊙ A_m, K_m) (no softmax, no top-k); the block's prompt Σ_m α_m P_m is split into key
+and value prefixes of that block (``clbench.methods.prompt``). The components are split evenly
+over the tasks: a task's slots are initialised by Gram–Schmidt against the older slots, which stay
+bit-identical while later tasks train.
 
-The M components are split evenly over the T tasks (M/T slots per task, all allocated up front as
-in the official code). At the start of task t, slots [t·M/T, (t+1)·M/T) of P (flattened), K and A
-are re-initialised by Gram–Schmidt; during task t the older slots are used but detached, so they
-stay bit-identical; at test all slots up to the current task are used. An orthogonality penalty
-μ·mean((B Bᵀ − I)²) on K, A and flattened P is available; the released scripts use μ = 0.
-
-Deviations (also in the report): Gram–Schmidt projects out an orthonormal basis of *all* earlier
-slots (QR, float64, two passes), so new slots are exactly orthogonal to the span of the old ones;
-the official loop subtracts projections on the old slots one by one, which equals this only while
-the trained old slots are still mutually orthogonal. Prompt blocks beyond the backbone's depth are
-dropped (CODA's blocks 0–4 become 0–3 on the 4-block tiny ViT; recorded in ``task_info``); a
-block list the user sets must exist. The official trainer drops the last incomplete training
-batch (``drop_last=True``) and its head is one default-initialised ``nn.Linear`` over all classes;
-clbench keeps the last batch and uses the shared growing head (kaiming-uniform rows, zero bias).
-The number of tasks comes from the run context (slots per task = n_components // n_tasks).
+Recipe, sources and deviations: docs/methods/prompt.md
 """
 from __future__ import annotations
 

@@ -2,29 +2,12 @@
 (GT-RIPL/CODA-Prompt, models/zoo.py class DualPrompt; experiments/*.sh) — the implementation
 whose numbers the CODA-Prompt, InfLoRA and SD-LoRA papers report for DualPrompt.
 
-* **G-prompt** (general, shared by all tasks): in blocks 0-1, one L_g × D prompt per block whose
-  first L_g/2 rows are prepended to the block's attention keys and the last L_g/2 to its values
-  (prefix tuning through ``clbench.methods.prompt``). It trains in every task.
-* **E-prompts** (expert, one per task): in blocks 2-4, a pool of T prompts of L_e × D per block,
-  each block with its own keys (T × D). While training task t, every sample uses E-prompt t and
-  the pull term Σ_blocks Σ_batch (1 − cos(q(x), k_t)) (weight 1, summed, as in the official code)
-  draws key t toward the queries; only prompt t and key t receive gradients, so earlier E-prompts
-  stay bit-identical. At test, each E-block picks its own top-1 key by cosine with the query.
-* q(x) is the frozen, un-prompted ViT's CLS feature; the head reads the prompted pass's CLS.
+A shared **G-prompt** (key/value prefixes in the first blocks) trains in every task; a pool of
+**E-prompts**, one per task, each later block with its own keys: task t trains only E-prompt t and
+key t (pulled toward the queries), so earlier E-prompts stay bit-identical. At test each E-block
+picks its own top-1 key by cosine with the frozen, un-prompted CLS query.
 
-Official settings (``--prompt_param T 20 6``): pool size = number of tasks, L_e = 20, L_g = 6,
-prompts and keys ``nn.init.uniform_`` in [0, 1), Adam 1e-3 (β 0.9/0.999, no weight decay) with the
-per-epoch cosine, batch 128, epochs 50 (ImageNet-R) / 20 (CIFAR-100) / 5 (DomainNet), current-task
-logits only. No CUB / ImageNet-A configs exist; those benchmarks get the ImageNet-R recipe.
-
-Deviations (also in the README): the query pass reuses the same frozen weights instead of a
-second model; prompt blocks beyond the backbone's depth are dropped from the default lists
-(recorded in ``task_info``); the official head is a default-initialised ``nn.Linear`` over all
-classes, clbench's grows per task (kaiming-uniform rows, zero bias); the official trainer drops the
-last incomplete batch, clbench keeps it. The original JAX DualPrompt (google-research/l2p) shares
-one key per E-prompt across blocks and selects once; this follows the CODA-Prompt port (one key
-set per E-block). Like the port, test-time matching also sees the keys of tasks not yet trained
-(``match_unseen_keys=False`` restricts it to the tasks seen so far).
+Recipe, sources and deviations: docs/methods/prompt.md
 """
 from __future__ import annotations
 

@@ -1,79 +1,20 @@
 """HiDe-Prompt (Wang et al., NeurIPS 2023, "Hierarchical Decomposition of Prompt-Based Continual
-Learning"; official code thu-ml/HiDe-Prompt: trainers/tii_trainer.py + engines/hide_tii_engine.py
-for task-identity inference, trainers/hideprompt_trainer.py + engines/hide_promtp_wtp_and_tap_engine.py
-+ vits/hide_prompt_vision_transformer.py + peft/prompt/hide_prompt.py for the prompts).
+Learning"; official code thu-ml/HiDe-Prompt).
 
 Three parts, all on the frozen pretrained ViT (prefixes through ``clbench.methods.prompt``):
 
-* **Within-task prediction (WTP).** One prompt per task and prompted block (blocks 0-4), L key and
-  L value rows each, ``uniform(-1, 1)``; task t's prompt starts as a copy of task t-1's. While
-  training task t every sample uses prompt t, mixed with the (detached) mean of the older prompts
-  by the prompt momentum m: (1−m)·P_t + m·mean(P_<t), and after the task P_t is replaced by that
-  mix. Loss: cross-entropy on the current task's logits of the head on the prompted CLS, plus
-  ``reg`` × the contrastive regulariser CE(S, I) with S = M Mᵀ / 0.8 and M = [means of the old
-  classes' instructed representations; this batch's features].
-* **Task-identity inference (TII).** An MLP head ``LN(x + W₂ GELU(W₁ x))`` → linear over all classes
-  on the frozen, *uninstructed* CLS feature (the query), trained with cross-entropy on the current
-  task's classes; after each task t > 0 it is refined on Gaussian samples of every seen class's
-  uninstructed statistics (mean, covariance + 1e-4·I). The predicted class gives the task.
-* **Task-adaptive prediction (TAP).** After each task t > 0 the output head is refined on Gaussian
-  samples of every seen class's *instructed* representation (prompted with its own task's prompt).
+* **Within-task prediction (WTP):** one prefix prompt per task, trained mixed with the detached
+  mean of the older prompts, with a contrastive regulariser against the old classes' means;
+* **Task-identity inference (TII):** an MLP head on the frozen, *uninstructed* CLS feature (the
+  query), refined after every task on Gaussian samples of every seen class's statistics;
+* **Task-adaptive prediction (TAP):** the output head refined after every task on Gaussian samples
+  of every seen class's *instructed* statistics.
 
-Inference: uninstructed pass → TII head → task identity → pass prompted with that task's prompt →
-output head (argmax over all seen classes). Statistics are float64 per-class sums
-(``clbench.class_stats``); no image is stored. Two forward passes per image.
+Inference: query pass → TII head → task → pass prompted with that task's prompt → output head.
+``prompt_layout="official"`` reproduces the official prefix reshape (a bug) for the published
+numbers; the default is the intended layout.
 
-Hyperparameters: the official supervised ViT-B/16 scripts (training_scripts/train_*_vit.sh) and
-configs/*_hideprompt_5e.py: batch 24, Adam (0.9, 0.999), no weight decay, grad-norm clip 1.0,
-lr 0.03·24/256 for the prompts and 0.1× that for the head (``--larger_prompt_lr``; not in the CUB
-script, so 1× there), prompt momentum
-0.01, pool = number of tasks, top-1; ImageNet-R 150 epochs timm-cosine (min lr 1e-5), reg 0.5,
-length 20; CIFAR-100 50 epochs step (×0.1 every 30), reg 0.1, length 5; CUB 50 epochs step,
-reg 0.01, length 20. TII: 20 epochs, Adam lr 0.0005·24/256 (CUB 0.01·24/256), the TII stage's own
-timm schedule (``--sched`` step in the ImageNet-R and CUB scripts, ×0.1 every 30 epochs, so
-constant over 20; constant in the CIFAR script). TAP: 30
-epochs SGD (momentum 0.9) with cosine annealing; output head lr 0.005 with 120 samples per class,
-TII head lr 0.005·24/256 with 24; each epoch runs (number of old classes) batches. DomainNet and
-ImageNet-A have no official config and get the ImageNet-R recipe.
-
-Schedules: the official timm scheduler itself (``timm.scheduler.create_scheduler`` with the
-configs' arguments: warmup 0, ``--min-lr``, ``--decay-epochs``, ``--decay-rate`` 0.1, no noise) on
-the parameter groups each official stage schedules: the prompt stage's on the prompt and output-head
-groups, so each decays from its own base lr to ``min_lr`` (the head at epoch 149 of 150 on
-ImageNet-R: 1.01e-5), and the TII stage's on the TII group over ``tii_epochs``. As in the official
-loops it is stepped with the finished epoch's index (``lr_scheduler.step(epoch)``), so epoch e
-trains at the value for e−1 (the first two at full rate). ``--lr`` scales ``min_lr`` with the other
-rates (clbench's budget flag, not an official argument), so a smaller ``--lr`` keeps every group's
-rate decreasing instead of rising towards an unscaled floor.
-
-Deviations (also in the README):
-* The official code runs TII as a separate stage over all tasks; here the TII head trains in the
-  same loop as the prompts, on the query pass that is computed anyway (its own Adam group, lr and
-  clipping; its loss stops after ``tii_epochs``), which equals a separate stage with the same batches.
-* The official default stores 10 k-means centroids per class with diagonal variances
-  (``multi-centroid``); clbench stores one full-covariance Gaussian per class (the paper's
-  description, the official ``covariance`` option). Samples come from a generator seeded by
-  (seed, task), so resumed runs draw the same samples.
-* Prefix layout (an official bug; ``prompt_layout="official"`` reproduces it). The official
-  ``EPrompt.forward`` (peft/prompt/hide_prompt.py) indexes its (layers, 2, pool, L, heads, dim)
-  prompt to (layers, 2, B, top-k, L, …) and turns that into (layers, B, 2, L, …) with
-  ``.reshape`` where a permute of the key/value and batch axes belongs (the bug also reported for
-  dualprompt-pytorch and Mammoth). With more than one image per forward pass, image b then reads
-  flat rows 2b and 2b+1 of the (key/value, image) grid: while training (one prompt for the batch)
-  the first half of the batch gets the key half as both keys and values and the second half the
-  value half as both; at test time (one prompt per image, by predicted task) images get halves of
-  other images' prompts. With one image per pass both layouts agree. clbench computes the intended
-  split by default (image b: keys = its prompt's first L rows, values = the last L);
-  ``prompt_layout="official"`` applies the official reshape to every prompted pass (training,
-  statistics and evaluation) of whatever batch that pass sees, so the published numbers can be
-  reproduced as they were produced (the official passes use batch 24 everywhere, its evaluation
-  and per-class statistics loaders included; ``--set eval_batch_size=24`` matches the evaluation
-  batches).
-* In the official TAP, ``weight_decay=5e-4`` given to SGD is overridden by the parameter group's
-  ``args.weight_decay`` = 0; clbench uses 0.
-* The official output head covers all classes from the start (unseen ones never trained); clbench's
-  grows per task, which is the same prediction over the seen classes. Heads are initialised as in
-  the official ViT (truncated normal, std 0.02, zero bias).
+Recipe, sources and deviations: docs/methods/prompt.md
 """
 from __future__ import annotations
 

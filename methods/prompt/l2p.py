@@ -3,29 +3,11 @@
 A pool of M prompts, each with a learnable key. The frozen ViT's un-prompted CLS feature q(x) is
 matched to the keys by cosine similarity; the top-N prompts are used, and a pull term draws the
 selected keys toward the queries. The ViT, both passes, stays frozen: only prompts, keys and the
-head train. The prompt injection and the two-pass strategy base live in ``clbench.methods.prompt``.
+head train. ``l2p`` (paper / official JAX + PyTorch port): input prompt tuning with a batch-wise
+prompt vote; ``l2p-pp`` (CODA-Prompt repo, class ``L2P``): prefix tuning with per-sample
+selection. The prompt injection and the two-pass strategy base live in ``clbench.methods.prompt``.
 
-``l2p`` (paper / official JAX + PyTorch port): M = 10, L_p = 5, N = 5, batch-wise selection
-(the N prompts most often in the batch's per-sample top-N go to every sample, at training and
-test), prompt tuning at the input (N·L_p extra tokens), head on the mean of the prompt-token
-outputs, pull weight 0.1 with the port's reduction (sum over selected keys, mean over the batch),
-Adam at a constant rate with grad-norm clipping 1.0.
-
-``l2p-pp`` ("L2P++", official CODA-Prompt repo: models/zoo.py class L2P): M = 30, L_p = 20,
-N = 5 per sample (no batch-wise voting), prefix tuning in block 0 (first 10 rows of each selected
-prompt to the keys, last 10 to the values), head on CLS, pull weight 1 with CODA's reduction,
-Adam 1e-3 with the per-epoch cosine. ``prompt_blocks=[0,1,2,3,4]`` gives "Deep L2P++".
-
-Deviations (also in the report): prompt tokens get no position embedding and sit after CLS (the
-JAX code prepends them before CLS, equivalent without a position embedding; the port instead
-reuses CLS's position embedding for them); the query is a second pass of the *same* weights
-rather than a second model copy; default prompt blocks beyond the backbone's depth are dropped
-(recorded in ``task_info``). Batch-wise vote ties go to the lower prompt index (deterministic);
-the port takes ``torch.topk`` over the counts, whose order among equal counts PyTorch leaves
-unspecified (on CPU the chosen set differs from the lower-index rule in ~40 % of random batches
-of 16), so the port's own choice depends on device and version. ``l2p-pp`` runs in the CODA
-trainer, which drops the last incomplete batch and uses a default-initialised ``nn.Linear`` over
-all classes; clbench keeps the last batch and uses the shared growing head.
+Recipe, sources and deviations: docs/methods/prompt.md
 """
 from __future__ import annotations
 

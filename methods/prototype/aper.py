@@ -1,31 +1,12 @@
-"""APER with adapters (a.k.a. ADAM; Zhou et al., IJCV 2024; official code
-zhoudw-zdw/RevisitingCIL ``models/aper_adapter.py`` + ``utils/inc_net.py``
-``MultiBranchCosineIncrementalNet``; LAMDA-PILOT ``models/aper_adapter.py``), or with SSF
-(``peft="ssf"``: ``models/aper_ssf.py``, mechanism in ``methods/prototype/ssf.py``).
+"""APER (a.k.a. ADAM; Zhou et al., IJCV 2024; official code zhoudw-zdw/RevisitingCIL
+``models/aper_adapter.py``, ``models/aper_ssf.py``; LAMDA-PILOT ``models/aper_adapter.py``).
 
-1. First task only: AdaptFormer-style parallel adapters (``clbench.methods.prototype.parallel_adapter``:
-   bottleneck 64 on ViT-B, scale 0.1, dropout 0.1, "lora" init) in every block (or SSF scales
-   and shifts) are tuned together with a cosine classifier (σ·cos, σ learnable) by
-   cross-entropy over the first task's classes; SGD momentum 0.9, ``weight_decay``, CosineAnnealingLR(T_max=epochs, eta_min=min_lr).
-2. Afterwards nothing trains. The feature of an image is the concatenation
-   [pretrained backbone(x), adapted backbone(x)] (two forward passes); the prototype of each class
-   is the mean of that 2d-dimensional feature over its training images, and prediction is the
-   cosine to the prototypes (SimpleCIL on the concatenated feature).
+First task only: parallel adapters (``parallel_adapter``), or SSF (``peft="ssf"``, ``ssf``), are
+tuned together with a cosine head (``first_session``). Afterwards nothing trains: the feature of
+an image is the concatenation [pretrained backbone(x), adapted backbone(x)] (two forward passes),
+and prediction is the cosine to the class means of that feature (SimpleCIL on it).
 
-Per-benchmark settings (RevisitingCIL ``exps/aper_adapter/*.json``): ImageNet-R: 20 epochs,
-lr 0.05, batch 24, wd 0.005; CIFAR-100, CUB-200, ImageNet-A: 20 epochs, lr 0.01, batch 48,
-wd 5e-4; min_lr 0 and ffn_num 64 everywhere. DomainNet has no official config: the CIFAR values.
-SSF (``exps/aper_ssf/*.json``): 20 epochs, lr 0.01, batch 48, wd 5e-4 on every benchmark.
-``digits`` (tiny backbone, width 96): bottleneck 8 (the same 1/12 of the width as 64/768),
-otherwise the official CIFAR recipe.
-
-Deviations from the official code:
-* none in the statistics: prototypes use the training images under the test transform, as the
-  official code (``stats_transform="train"``: the augmented training loader, an ablation);
-* the adapter is added by wrapping timm's ``block.mlp`` (same maths: it reads the un-normalised
-  post-attention stream and is added to the MLP output), not a forked ViT;
-* the backbone is the run's (official configs: ``vit_base_patch16_224_in21k``);
-* the VPT and finetune variants of APER are not implemented.
+Recipe, sources and deviations: docs/methods/prototype.md
 """
 from __future__ import annotations
 

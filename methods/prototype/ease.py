@@ -1,38 +1,14 @@
 """EASE (Zhou et al., "Expandable Subspace Ensemble for Pre-Trained Model-Based Class-Incremental
-Learning", CVPR 2024; official code sun-hailong/CVPR24-Ease ``models/ease.py``,
-``backbone/vit_ease.py``, ``backbone/linears.py``; also LAMDA-PILOT ``models/ease.py``).
+Learning", CVPR 2024; official code sun-hailong/CVPR24-Ease ``models/ease.py``; also LAMDA-PILOT
+``models/ease.py``).
 
-* Task t adds one new set of parallel adapters (every block; bottleneck 64, scale 0.1,
-  dropout 0.1, "lora" init: ``clbench.methods.prototype.parallel_adapter``), trained on task t only with a fresh
-  cosine head over the task's classes (σ reset to 1); older adapters are frozen. SGD momentum 0.9,
-  ``weight_decay``, CosineAnnealingLR(T_max=epochs, eta_min=min_lr) — the same recipe every task.
-* After task t, adapter s (s ≤ t) defines subspace s: the CLS feature of the backbone run with
-  adapter s. The new classes get real prototypes (class means) in every subspace 0..t.
-* Semantic-guided prototype complement (``solve_sim_reset``, recomputed after every task from
-  real prototypes only): for an old task i and a later subspace s, with A = prototypes of the
-  classes of tasks ≥ s in subspace i, B = the same classes in subspace s and Â = task i's classes
-  in subspace i, the missing prototypes are P̂ = softmax_rows(cos(Â, A)) · B.
-* Inference concatenates the t+1 subspace features (t+1 backbone passes). The logit of a class of
-  task i is Σ_s w_s · cos(f_s(x), P_s[c]) with w_s = 1 in its own subspace s = i and α/t in the
-  others (``forward_reweight``); with ``use_init_ptm`` the pretrained backbone is an extra
-  subspace weighted β (its prototypes are real for every class).
+Task t adds one new set of parallel adapters, trained on task t only with a fresh cosine head;
+adapter s defines subspace s. New classes get real prototypes in every subspace; old classes'
+missing prototypes in later subspaces are completed from semantic similarity
+(``solve_sim_reset``), and a test image's logits are reweighted cosines summed over all subspaces
+(one backbone pass per subspace).
 
-Per-benchmark settings (official ``exps/ease_*.json``): CIFAR-100: lr 0.025, batch 48, wd 5e-4,
-α 0.1; ImageNet-R: lr 0.05, batch 16, wd 0.005, α 0.1; ImageNet-A: lr 0.05, batch 32, wd 0.005,
-α 0.1; CUB-200: lr 0.005, batch 16, wd 5e-4, α 0.005, pretrained subspace on with β 1; all:
-20 epochs per task, min_lr 0, bottleneck 64. DomainNet has no official config: ImageNet-R's.
-``digits`` (tiny backbone, width 96): bottleneck 8, otherwise CIFAR's.
-
-Deviations from the official code:
-* none in the statistics: prototypes use the training images under the test transform, as the
-  official code (``stats_transform="train"``: the augmented training loader, an ablation);
-* the class ranges of tasks come from the stream (official: init_cls/increment arithmetic; the
-  same for equal task sizes);
-* the adapters wrap timm's ``block.mlp`` instead of a forked ViT (same maths); each subspace is a
-  full backbone pass (official: the patch embedding is shared, a negligible saving);
-* the final classifier's σ (never trained, = 1) is omitted: it does not change the argmax;
-* the Omnibenchmark ``moni_adam`` mode, ``use_diagonal``, ``use_old_data`` and the non-recomputed
-  similarity variant are not implemented.
+Recipe, sources and deviations: docs/methods/prototype.md
 """
 from __future__ import annotations
 

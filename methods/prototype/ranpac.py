@@ -2,38 +2,13 @@
 Learning", NeurIPS 2023; official code RanPAC/RanPAC ``RanPAC.py``, ``inc_net.py``; also
 LAMDA-PILOT ``models/ranpac.py``).
 
-1. First task: the same first-session tuning as APER (parallel adapters, or SSF on ImageNet-R/A
-   as in the official runs, + cosine head; SGD momentum 0.9, CosineAnnealingLR); then
-   everything is frozen.
-2. After the first task: a frozen random projection W ∈ R^{d×M}, entries N(0, 1), is drawn once;
-   an image's feature is h = ReLU(f(x) W) with f the adapted backbone (one forward pass).
-3. After every task: G += Σ h hᵀ and Q += Σ h yᵀ (one-hot y) over the task's training images,
-   float64 sums (per-class sums of h through ``clbench.class_stats``, reduced over ranks); the
-   ridge λ is chosen from 10^-8 … 10^8 by fitting on 80 % of the *current task's* images and
-   measuring the mean squared error of the one-hot targets on the other 20 % (the official
-   ``optimise_ridge_parameter``); the classifier is W_o = (G + λI)⁻¹ Q (``torch.linalg.solve``),
-   logits = h W_o.
+First task: the same first-session tuning as APER (adapters or SSF + cosine head), then
+everything is frozen. An image's feature is h = ReLU(f(x) W) with a frozen random projection
+W ∈ R^{d×M}; after every task G += Σ h hᵀ and Q += Σ h yᵀ (float64 sums over the task's training
+images) and the classifier is the ridge solution W_o = (G + λI)⁻¹ Q, with λ chosen on a hold-out
+of the current task's images.
 
-Per-benchmark settings (official ``args/*_publish.csv``, the PETL + RP rows, M = 10000): batch 48,
-20 epochs, lr 0.01, wd 5e-4, min_lr 0 for CIFAR-100, CUB-200, ImageNet-R, ImageNet-A and
-DomainNet alike; SSF on ImageNet-R and ImageNet-A, adapters (bottleneck 64, scale 0.1)
-elsewhere. ``digits`` (tiny backbone, width 96): M = 1000 (the official M is 13× the ViT-B width; 10× here keeps G small) and bottleneck 8.
-
-Deviations from the official code:
-* the 20 % hold-out is a pseudo-random subset of the task's images (an integer hash of the pixels
-  the statistics pass sees), not the tail of one shuffled pass, so with deterministic transforms
-  the chosen λ — like G and Q — does not depend on batch order or the number of data-parallel
-  ranks (under ``stats_transform="train"`` the hashed pixels are the augmented ones); the hold-out MSE is computed exactly from
-  hold-out sums (Σ hhᵀ, Σ hyᵀ, count) instead of stored features, averaged over the task's
-  classes (the official mean over all dataset classes differs by a constant factor); if a task
-  has no image in one of the two parts (tiny tests), λ = 1;
-* DomainNet's official row is a single 345-class session; its adapter recipe is used as is;
-* none in the statistics' data: G and Q use the training images under the test transform, as
-  the official ``train_loader_for_CPs`` (``stats_transform="train"``: the augmented training
-  loader, an ablation);
-* G, Q are float64 (official float32); the checkpoint therefore holds an M×M float64 matrix
-  (800 MB at M = 10000);
-* the backbone is the run's (official: ``vit_base_patch16_224`` or ``_in21k`` per dataset).
+Recipe, sources and deviations: docs/methods/prototype.md
 """
 from __future__ import annotations
 

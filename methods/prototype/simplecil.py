@@ -3,17 +3,10 @@ Generalizability and Adaptivity are All You Need", IJCV 2024; official code
 zhoudw-zdw/RevisitingCIL ``models/simplecil.py``, also LAMDA-PILOT ``models/simplecil.py``).
 
 No training at all: after each task, the prototype of every new class is the mean of the frozen
-pretrained backbone's features (CLS after the final norm) over the class's training images; a
-test image goes to the class whose prototype has the highest cosine similarity
-(``CosineLinear`` whose weights are the prototypes; its scale σ = 1 does not change the argmax).
-Old prototypes never change, so forgetting comes only from new classes competing.
+pretrained backbone's features over the class's training images (under the test transform); a
+test image goes to the class whose prototype has the highest cosine similarity.
 
-Deviations from the official code:
-* none in the statistics: prototypes are class means over the task's training images under the
-  test transform, as the official code computes them (``stats_transform="train"`` uses the
-  augmented training loader instead, an ablation);
-* the official configs use ``vit_base_patch16_224_in21k`` (RevisitingCIL) or
-  ``vit_base_patch16_224`` (LAMDA-PILOT); here the benchmark's/run's backbone is used.
+Recipe, sources and deviations: docs/methods/prototype.md
 """
 from __future__ import annotations
 

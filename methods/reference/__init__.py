@@ -1,2 +1,5 @@
 """Reference points: sequential fine-tuning (lower bound), linear probe, joint training (upper
-bound, never ranked)."""
+bound, never ranked).
+
+Recipes, sources and deviations: docs/methods/reference.md
+"""

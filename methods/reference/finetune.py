@@ -1,4 +1,7 @@
-"""Reference points: sequential full fine-tuning (lower bound) and a linear probe."""
+"""Reference points: sequential full fine-tuning (lower bound) and a linear probe.
+
+Recipe, sources and deviations: docs/methods/reference.md
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

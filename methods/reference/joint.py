@@ -1,11 +1,11 @@
 """`joint`: the cumulative joint-training upper bound.
 
 At task t the model trains on the union of the training data of tasks 0..t with the loss over all
-seen classes (no current-task masking), so nothing is forgotten by construction; its accuracy
-curve is the reference the continual methods are measured against. The union is rebuilt from the
-stream itself (Avalanche's ``origin_stream``), so a resumed run trains on the same data. Backbone
-and head train by default (the upper bound of ``finetune``); ``--set joint.train_backbone=False``
-gives the linear-probe upper bound. Training cost grows with t (task t sees t+1 tasks' data).
+seen classes (no current-task masking), so nothing is forgotten by construction. The union is
+rebuilt from the stream itself (Avalanche's ``origin_stream``), so a resumed run trains on the
+same data. Never ranked against the continual methods.
+
+Recipe, sources and deviations: docs/methods/reference.md
 """
 from __future__ import annotations
 

@@ -1,27 +1,10 @@
 """InfLoRA+CA: InfLoRA followed, after every task t ≥ 1, by SLCA-style classifier alignment
-(official code liangyanshuo/InfLoRA, ``methods/inflora_ca.py`` for ImageNet-R and
-``methods/inflora_ca1.py`` for CIFAR-100; plain GPM memory in both).
+(official code liangyanshuo/InfLoRA, ``methods/inflora_ca.py`` and ``methods/inflora_ca1.py``):
+the whole head is retrained on features sampled from Gaussians of every seen class (mean and
+covariance of its training images' features under the test transform). Runs inside
+``strategy.train()``, so it is timed.
 
-After each task (inside ``strategy.train()``, so it is timed):
-
-1. per new class, the mean and covariance (unbiased, + 1e-4·I) of its CLS features over the task's
-   training images under the test transform (as the official code re-reads them;
-   ``stats_transform="train"``: the augmented training loader, an ablation), with the trained
-   network; older classes keep the statistics from their task;
-2. for ``ca_epochs`` epochs: sample ``ca_samples`` features per seen class from
-   N(μ_c·(0.9 + 0.1·(τ_c+1)/(t+1)), Σ_c) (τ_c = the class's task: older means shrink), shuffle,
-   and train the whole head on batches of ``ca_samples`` with cross-entropy on logits divided by
-   the mean over tasks of each task's logit L2 norm, then by the temperature 0.1; SGD lr 0.01,
-   momentum 0.9, wd 5e-4, CosineAnnealingLR over the CA epochs.
-
-Deviations from the official code:
-* a class's task comes from the recorded class ranges (official: class // last task's size; the
-  same for equal-size tasks);
-* a covariance that is not positive definite gets + 1e-4·I until Cholesky succeeds (official:
-  only for ImageNet-A);
-* the official CIFAR-100 run replaces the backbone's final LayerNorm by a freshly initialised,
-  frozen one (identity affine); not replicated, the pretrained final norm is kept;
-* DomainNet, ImageNet-A and CUB-200 have no official CA config: the ImageNet-R one is used.
+Recipe, sources and deviations: docs/methods/lora.md
 """
 from __future__ import annotations
 

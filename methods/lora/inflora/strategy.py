@@ -4,41 +4,15 @@ Each task t adds a rank-r branch to the key and value slices of every block's fu
 
     k = W_k x + Σ_{j≤t} Up^k_j Down_j x ,   v = W_v x + Σ_{j≤t} Up^v_j Down_j x     (no scaling)
 
-Down_t (r × D, shared by k and v of a layer) is *designed* at the start of the task and frozen;
-Up^k_t, Up^v_t start at zero and are the only trained backbone tensors. (The paper calls the
-designed matrix B_t and the trained one A_t; the official code, like this file, the other way.)
+Down_t (r × D, shared by k and v of a layer) is *designed* in ``before_task`` from the task's
+input second moments projected out of the stored old-task subspace, then frozen; Up^k_t, Up^v_t
+start at zero and are the only trained backbone tensors. ``after_task`` updates the GPM/DualGPM
+memory (``clbench.methods.lora.subspace``); both passes run inside ``strategy.train()``, so they
+are timed. Finished branches are folded into one frozen delta per slice, and evaluation runs
+merged. (The paper calls the designed matrix B_t and the trained one A_t; the official code, like
+this file, the other way.)
 
-Design (``before_task``): one no-grad pass over the task's training data gives each layer's
-uncentred input second moment S_t (all tokens of all images, the qkv input = norm1 output, with
-the current network); S_t is projected out of the stored old-task subspace (left side only),
-and Down_t = (top-r left singular vectors)ᵀ/√3. Memory (``after_task``): a second pass with the
-trained network, then one DualGPM step per layer (``subspace.py``) with threshold
-ε_t = λ_b + (λ_e − λ_b)·t/T. Both passes happen inside ``strategy.train()``, so they are timed.
-
-Equivalent-math implementation choices: finished branches are folded into one frozen dense delta
-per k/v slice (``old_delta``) instead of kept as T factor pairs, and the training step runs one
-linear with W + old deltas plus the current low-rank branch, so the per-step cost does not grow
-with the number of tasks; evaluation merges everything (``merge()``, called by the core) into one
-plain forward. The per-task heads concatenated at test equal the core's growing head with the
-current-task loss; the new rows are re-drawn as a default ``nn.Linear`` (U(±1/√D) weight and
-bias), the official heads' initialisation.
-
-Optimisation as the official ``_train``: Adam (or SGD) on the up-projections and the head with
-the official ``CosineSchedule`` as its loop steps it (``clbench/schedules.py``: epoch e trains at
-lr·cos(99π·max(e−1, 0)/(200(K−1))), the first two epochs at the full lr).
-
-Deviations from the official code (also in the README section of the report):
-* DomainNet uses the official ``inflora_domain.py`` path: plain GPM memory ("remove" only, no
-  dual switch), SGD with lr 5e-3 for LoRA and 1e-2 for the head, MultiStepLR ×0.1 at epoch 4.
-* After task 0, a layer whose leading-direction count exceeds D/2 goes through the switch rule
-  (stores the complement, "retain"); the official code mislabels it (never reached with its
-  thresholds). In "retain" mode at most as many directions are removed as the complement has.
-* ImageNet-A and CUB-200 have no official config; they use the ImageNet-R one.
-* Second moments are formed per batch and summed in float64 (official: float32 running mean)
-  and the SVDs run in float64 on the activations' device (official: float32); the same quantities.
-* The second-moment passes that design the subspaces iterate the harness' training loader, i.e.
-  its training augmentation, like the official code (whose augmentation differs: the harness'
-  transforms are shared by all methods). InfLoRA-CA's class statistics use the test transform.
+Recipe, sources and deviations: docs/methods/lora.md
 """
 from __future__ import annotations
 

@@ -5,44 +5,13 @@ pairs freeze as *directions* and only their *magnitudes* keep learning:
 
     W_q = W0_q + Σ_{k<t} α_k·B_k A_k / norm_k + α_t·B_t A_t        (same for v; k, proj, MLP frozen)
 
-with one scalar α_k per task shared by all blocks and by q and v. Mechanics (stacked buffers,
-merged-weight training step and inference) live in ``adapter.py`` next to this file.
+with one scalar α_k per task shared by all blocks and by q and v. ``mode`` picks the official
+code's normalisation and per-task magnitude reset (``official``, the default) or the paper's
+(``paper``); SD-LoRA-RR lowers the rank over tasks; SD-LoRA-KD absorbs a new direction that the
+old ones already span (counts in ``task_info``). Mechanics (stacked buffers, merged-weight
+training step and inference) live in ``adapter.py`` next to this file.
 
-Two modes (``mode``):
-
-* ``official`` (default; the published numbers): norm_k = ‖B_k‖_F‖A_k‖_F; all magnitudes
-  re-initialised to 0.8 at every task (so the function changes at each task boundary: the
-  magnitudes reset and the last component becomes normalised — faithful to the code, which
-  rebuilds the network and never saves the magnitudes); SGD momentum 0.9, no weight decay,
-  per-benchmark lr/epochs/MultiStepLR from the released configs.
-* ``paper``: norm_k = ‖B_k A_k‖_F (Eq. 3); magnitudes carried over, a new one starts at 1;
-  Adam lr 0.008, 30 epochs on ImageNet-R, 10 on DomainNet, 20 otherwise.
-
-In both modes the component being trained is raw (α_t·B_t A_t), as in the official code: Eq. 4's
-normalisation of a zero-initialised B_t is 0/0. Differences from the official code that do not
-change the math: no cap on the number of tasks (it has 20 previous-magnitude slots), no state in
-files (everything is in the checkpoint), old components cost one stacked product per step, the
-unused orthogonality loss is not computed.
-
-SD-LoRA-RR: rank by 0-based task from ``ranks``/``rank_milestones``; default 10, 8 from task 4,
-6 from task 8 (the official code's commented schedule; Eq. 6 read 1-based would shift it by one).
-
-SD-LoRA-KD (no official code): after each task t ≥ 1, per adapted slice, the new direction D_t is
-fitted by least squares on that slice's old directions; if the plain Frobenius residual ≤ τ
-(9e-4) the pair is dropped and the coefficients are absorbed. Choices the paper leaves open:
-
-* per-slice magnitude offsets (as LibContinual): slice ℓ's coefficient on D_k becomes
-  α_k + δ_k^ℓ, with α_k still shared, so one slice may absorb while another keeps D_t; offsets
-  are frozen and persist (also across the official mode's magnitude reset);
-* the exact substitution: δ_k += Δα_k · α_t · n_t, where α_t·n_t is D_t's current coefficient
-  (the trained term is α_t·B_t A_t = α_t·n_t·D_t). Eq. 8 adds Δα_k unscaled, which equals this
-  only when that coefficient is 1; scaling keeps the evaluated model unchanged up to the residual.
-* the fit is float64 least squares (SVD driver) on the dense flattened directions; a magnitude
-  whose pair every slice absorbed stays in the vector unused (zero gradient).
-Absorption counts per task are reported in ``task_info`` (results.json ``method_info``).
-
-Digits defaults (5 epochs, lr 0.01 SGD / Adam 0.008, batch 32) are ours: the paper has no such
-benchmark. A component whose B is all zero has no direction and contributes nothing (not 0/0).
+Recipe, sources and deviations: docs/methods/lora.md
 """
 from __future__ import annotations
 
