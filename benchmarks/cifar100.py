@@ -16,8 +16,9 @@ resize.
 from __future__ import annotations
 
 from clbench.benchmark import Benchmark, SplitData, divisors_as_choices
-from clbench.datasets import (Remote, check_count, extract_fresh, fetch, missing_data, read_marker,
-                              split_identity, test_transform, train_transform, write_marker)
+from clbench.datasets import split_identity, test_transform, train_transform
+from clbench.downloads import (Remote, check_count, extract_fresh, fetch, missing_data, read_marker,
+                               write_marker)
 from clbench.errors import UsageError
 from clbench.registry import register_benchmark
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clbench.benchmark import Benchmark, SplitData, divisors_as_choices
-from clbench.datasets import (ImageFiles, Remote, extract_fresh, fetch, missing_data, read_marker,
-                              split_identity, test_transform, train_transform, write_marker)
+from clbench.datasets import ImageFiles, split_identity, test_transform, train_transform
+from clbench.downloads import Remote, extract_fresh, fetch, missing_data, read_marker, write_marker
 from clbench.errors import UsageError
 from clbench.registry import register_benchmark
 

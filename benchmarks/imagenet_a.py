@@ -13,26 +13,21 @@ scale=(0.05, 1)) + flip, test Resize(int(S·8/7), bicubic) + CenterCrop(S), ToTe
 """
 from __future__ import annotations
 
-from clbench.benchmark import Benchmark, divisors_as_choices
-from clbench.datasets import PresplitBenchmark, Remote
+from clbench.downloads import Remote
+from clbench.presplit import PresplitBenchmark
 from clbench.registry import register_benchmark
 
 DRIVE_ID = "19l52ua_vvTtttgVRziCZJjal0TPE9f2p"  # RevisitingCIL README, "ImageNet-A" Google Drive link
 REMOTES = {
-    "adam": Remote("ina.zip", f"https://drive.google.com/uc?id={DRIVE_ID}",
-                   md5="7f4aaf0b1532b7a0bd670822c152d3c5",
-                   checksum_source="RevisitingCIL issue #5 (maintainer's md5sum)",
-                   manual_url=f"https://drive.google.com/file/d/{DRIVE_ID}/view"),
+    "adam": Remote.google_drive("ina.zip", DRIVE_ID, md5="7f4aaf0b1532b7a0bd670822c152d3c5",
+                               checksum_source="RevisitingCIL issue #5 (maintainer's md5sum)"),
 }
 
 
 @register_benchmark("imagenet-a", "ImageNet-A, 200 classes, ADAM/PILOT pre-split folders, "
                                   "10 tasks × 20; --download")
-class ImageNetA(PresplitBenchmark, Benchmark):
+class ImageNetA(PresplitBenchmark):
     n_classes = 200
-    task_choices = divisors_as_choices(200, range(2, 51))
-    default_tasks = 10
-    default_seeds = (1993,)
     expected_counts = {"adam": 7_500}
     remotes = REMOTES
     folder_name = "imagenet-a"

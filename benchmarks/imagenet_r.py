@@ -13,7 +13,7 @@ used is recorded in each run's ``split`` identity (protocol, sizes, hash of file
 
 Data you already have is used in place, never downloaded again: for ``sdlora`` the extracted
 tree as SD-LoRA/PILOT read it (``<data>/imagenet-r/train/<wnid>/…`` and ``…/test/…``, see
-``clbench.datasets.adopt_extracted``); for ``coda`` the authors' images as CODA-Prompt reads them
+``clbench.presplit.adopt_extracted``); for ``coda`` the authors' images as CODA-Prompt reads them
 (``<data>/imagenet-r/<wnid>/…``), with its two lists put beside them by hand or fetched alone by
 ``--download``. Both are counted, checked against the lists/class folders and marked with the
 split hash like a download.
@@ -46,10 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clbench.benchmark import Benchmark, SplitData, divisors_as_choices
-from clbench.datasets import (ImageFiles, Remote, extract_fresh, fetch, list_image_folder,
-                              load_presplit, marker_path, missing_data, prepare_presplit,
-                              read_marker, split_identity, test_transform, train_transform,
-                              write_marker)
+from clbench.datasets import (ImageFiles, list_image_folder, split_identity, test_transform,
+                              train_transform)
+from clbench.downloads import (Remote, extract_fresh, fetch, marker_path, missing_data, read_marker,
+                               write_marker)
+from clbench.presplit import load_presplit, prepare_presplit
 from clbench.errors import UsageError
 from clbench.registry import register_benchmark
 
@@ -58,11 +59,9 @@ CODA_COMMIT = "6417d4f68754be68b697c7ca2323ee61e791e1a3"  # GT-RIPL/CODA-Prompt 
 CODA_RAW = f"https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/{CODA_COMMIT}/dataloaders/splits"
 
 REMOTES = {
-    "sdlora": Remote(
-        "imagenet-r.zip", f"https://drive.google.com/uc?id={DRIVE_ID}",
-        md5="730aa3fb9c7d2ec0b6381c6b23040681",
-        checksum_source="RevisitingCIL issue #5 (maintainer's md5sum)",
-        manual_url=f"https://drive.google.com/file/d/{DRIVE_ID}/view"),
+    "sdlora": Remote.google_drive(
+        "imagenet-r.zip", DRIVE_ID, md5="730aa3fb9c7d2ec0b6381c6b23040681",
+        checksum_source="RevisitingCIL issue #5 (maintainer's md5sum)"),
     "coda-images": Remote(
         "imagenet-r.tar", "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
         md5="a61312130a589d0ca1a8fca1f2bd3337",

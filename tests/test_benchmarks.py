@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import fixtures_data as fx
-from clbench import datasets
+from clbench import datasets, downloads, presplit
 from clbench.benchmarks import cifar100, cub200, domainnet, imagenet_a, imagenet_r
-from clbench.datasets import Remote, marker_path, safe_extract
+from clbench.downloads import Remote, marker_path, safe_extract
 from clbench.errors import UsageError
 
 DN_DOMAINS = list(domainnet.DOMAINS)
@@ -148,7 +148,7 @@ def test_checksum_mismatch_deletes_only_clbenchs_own_download(local_data, tmp_pa
     # A file put in place by hand (what the download-failure message invites) is verified the
     # same way but never deleted: refused with both checksums, left for the user to replace.
     (folder / "ina.zip").write_bytes(b"not the archive")
-    actual = datasets.file_digest(folder / "ina.zip", "md5")
+    actual = downloads.file_digest(folder / "ina.zip", "md5")
     with pytest.raises(UsageError) as info:
         imagenet_a.ImageNetA(data_dir=tmp_path, download=True).load(16)
     assert str(info.value) == (
@@ -161,7 +161,7 @@ def test_checksum_mismatch_deletes_only_clbenchs_own_download(local_data, tmp_pa
 def test_hand_placed_coda_lists_with_a_wrong_checksum_are_kept(local_data, tmp_path, monkeypatch):
     """CODA-Prompt's lists put beside the user's own images by hand: a wrong one is refused and
     both lists stay where they are (nothing is downloaded over them either)."""
-    monkeypatch.setattr(datasets, "download_file", lambda *a: pytest.fail("downloaded"))
+    monkeypatch.setattr(downloads, "download_file", lambda *a: pytest.fail("downloaded"))
     folder = tmp_path / "imagenet-r"
     _own_coda_tree(local_data, folder, with_lists=True)
     listed = folder / "imagenet-r_train.yaml"
@@ -173,7 +173,7 @@ def test_hand_placed_coda_lists_with_a_wrong_checksum_are_kept(local_data, tmp_p
             imagenet_r.ImageNetR(coda, data_dir=tmp_path, download=download).load(16)
         message = str(info.value)
         assert message.startswith(f"{listed} is not the published imagenet-r_train.yaml: its "
-                                  f"sha256 is {datasets.file_digest(listed, 'sha256')}, expected "
+                                  f"sha256 is {downloads.file_digest(listed, 'sha256')}, expected "
                                   f"{imagenet_r.REMOTES['coda-train'].sha256}")
         assert "\n" not in message and "replace it" in message
         assert listed.read_bytes() == before and (folder / "imagenet-r_test.yaml").is_file()
@@ -339,7 +339,7 @@ def no_network(monkeypatch):
     def refuse(url, dest):
         raise AssertionError(f"tried to download {url}")
 
-    monkeypatch.setattr(datasets, "download_file", refuse)
+    monkeypatch.setattr(downloads, "download_file", refuse)
 
 
 def _existing(case, tmp_path, monkeypatch, n_train=2, n_test=1):
@@ -375,7 +375,7 @@ def test_existing_official_tree_is_used_without_download(case, tmp_path, monkeyp
 def test_existing_tree_has_the_identity_of_the_published_archive(local_data, tmp_path,
                                                                  monkeypatch):
     downloaded = imagenet_r.ImageNetR(data_dir=tmp_path / "a", download=True).load(16)
-    monkeypatch.setattr(datasets, "download_file", lambda *a: pytest.fail("downloaded"))
+    monkeypatch.setattr(downloads, "download_file", lambda *a: pytest.fail("downloaded"))
     fx.presplit_tree(tmp_path / "b" / "imagenet-r", fx.wnids(200), 2, 1, size=20)
     existing = imagenet_r.ImageNetR(data_dir=tmp_path / "b").load(16)
     assert existing.identity == downloaded.identity
@@ -439,7 +439,7 @@ def test_read_only_existing_tree_is_verified_every_time(tmp_path, monkeypatch, n
     def read_only(*args):
         raise PermissionError(13, "Read-only file system")
 
-    monkeypatch.setattr(datasets, "write_marker", read_only)
+    monkeypatch.setattr(presplit, "write_marker", read_only)
     assert cls(data_dir=tmp_path / "data").load(16).identity["n_train"] == 400
     assert not marker_path(folder, key).exists()
     _drop_one_image(folder)
@@ -529,7 +529,7 @@ def _own_coda_tree(local_data, folder, with_lists: bool):
 def test_own_coda_layout_is_used_in_place(local_data, tmp_path, monkeypatch):
     coda = imagenet_r.ImageNetRConfig(split="coda")
     downloaded = imagenet_r.ImageNetR(coda, data_dir=tmp_path / "a", download=True).load(16)
-    monkeypatch.setattr(datasets, "download_file", lambda *a: pytest.fail("downloaded"))
+    monkeypatch.setattr(downloads, "download_file", lambda *a: pytest.fail("downloaded"))
     folder = tmp_path / "b" / "imagenet-r"
     _own_coda_tree(local_data, folder, with_lists=True)
     split = imagenet_r.ImageNetR(coda, data_dir=tmp_path / "b").load(16)

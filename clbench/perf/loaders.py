@@ -38,7 +38,7 @@ def tree_loader_rates(root: Path, image_size: int, batch: int, workers: int, dev
     """Train (RandomResizedCrop + flip) and test (Resize + CenterCrop) images/s over a JPEG tree;
     with ``decoded_cache``, over its decoded pixels (what ``clbench run --decoded-cache`` reads;
     building the cache, once, is timed apart)."""
-    from clbench.datasets import load_presplit
+    from clbench.presplit import load_presplit
 
     split = load_presplit(jpeg_tree.split_root(root), "perf-tree", image_size)
     built_s = None

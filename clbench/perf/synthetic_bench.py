@@ -37,7 +37,7 @@ class SyntheticImageNetR(Benchmark):
         return "imagenet-r"
 
     def load(self, image_size: int):
-        from clbench.datasets import load_presplit
+        from clbench.presplit import load_presplit
 
         return load_presplit(jpeg_tree.split_root(self.root),
                              f"synthetic-imagenet-r-shaped-{self.n_classes}-classes", image_size)
