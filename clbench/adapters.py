@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clbench.precision import exact
+
 SLICE_INDEX = {"q": 0, "k": 1, "v": 2}
 
 
@@ -53,7 +55,7 @@ class QKVAdapter(nn.Module):
         """W + every slice's delta, as one (3d, d) weight (computed, not cached; never under
         autocast: the merged weight is exact in the weights' dtype)."""
         weight = self.qkv.weight.detach().clone()
-        with torch.autocast(weight.device.type, enabled=False):
+        with exact(weight.device):
             for target in self.targets:
                 delta = self.slice_delta_weight(target)
                 if delta is not None:

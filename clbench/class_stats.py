@@ -19,6 +19,7 @@ import torch
 
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
+from clbench.precision import exact
 
 STATS_TRANSFORMS = ("test", "train")
 
@@ -114,6 +115,6 @@ def collect(statistics: ClassStatistics, features_of, loader, device, classes: r
     ``statistics``, then reduce ``classes`` over ranks."""
     for batch in loader:
         images, labels = batch[0].to(device, non_blocking=True), batch[1]
-        with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        with exact(device):
             statistics.update(features_of(images).float(), labels)
     statistics.reduce(classes)

@@ -2,7 +2,9 @@
 
 ``bf16``: forward passes under bfloat16 autocast (the default on CUDA); ``tf32``: float32 with
 TF32 matrix multiplies; ``fp32``: plain float32 (the default on CPU, and what the tests pin).
-Exact maths stays out of autocast in the methods (norms, SVDs, least squares, statistics).
+Exact maths (norms and cosines, SVDs, least squares, statistics, merged weights) runs inside
+``exact(device)``, the one way clbench and the methods leave an autocast forward; a region that
+needs float32/float64 casts its inputs itself.
 """
 from __future__ import annotations
 
@@ -31,5 +33,6 @@ def autocast(precision: str, device: torch.device):
 
 
 def exact(device: torch.device | str):
-    """A region computed in full precision even inside an autocast forward."""
+    """Autocast off on ``device``'s type: the region runs in its inputs' own dtypes even inside
+    a bf16 forward (it does not cast them)."""
     return torch.autocast(device_type=torch.device(device).type, enabled=False)

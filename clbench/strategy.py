@@ -1,5 +1,6 @@
-"""The base class every method subclasses: an Avalanche ``SupervisedTemplate`` with the shared
-class-incremental head, the current-task loss, per-task optimisers and exact evaluation counts.
+"""The base class every method subclasses: an Avalanche ``SupervisedTemplate`` over a
+``clbench.model.CLModel`` (backbone + class-incremental head) with the current-task loss,
+per-task optimisers and exact evaluation counts.
 
 A method overrides only what differs (``methods/reference/finetune.py`` is the smallest example,
 ``methods/prototype/simplecil.py`` one that learns without gradients):
@@ -11,6 +12,7 @@ A method overrides only what differs (``methods/reference/finetune.py`` is the s
 * ``epochs_for_task(task)`` (0: no gradient steps), ``trainable_parameters()``,
   ``make_optimizer_for_task()``, ``make_scheduler_for_task()``;
 * ``extra_loss()`` for terms beyond the masked cross-entropy; ``forward()`` if inference differs;
+* ``clip_gradients()``: before every optimiser step, after the gradients are summed over ranks;
 * ``extra_state()`` / ``restore_structure(state)`` so a checkpoint can rebuild grown structures;
 * ``task_info()``: per-task facts recorded in results.json.
 
@@ -18,8 +20,9 @@ A method overrides only what differs (``methods/reference/finetune.py`` is the s
 (old rows copied) and the training loss uses only the current task's logits, the protocol of
 SD-LoRA, InfLoRA and CODA-Prompt; test-time prediction is the argmax over all seen classes, with
 no task identity. The base class's own work happens at Avalanche's public plugin callbacks
-(``CoreHooks``): bf16 autocast, gradient reduction over ranks, the per-epoch schedule, the
-finiteness check; adapters are merged (``merge()``/``unmerge()``) only while evaluating.
+(``CoreHooks``): bf16 autocast, gradient reduction over ranks, the method's gradient clipping,
+the per-epoch schedule, the finiteness check; adapters are merged (``merge()``/``unmerge()``)
+only while evaluating.
 """
 from __future__ import annotations
 
@@ -40,74 +43,11 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from clbench import distributed, evaluation, loaders, precision  # noqa: E402
+from clbench.adapters import merged  # noqa: E402
 from clbench.context import RunContext  # noqa: E402
 from clbench.errors import Diverged  # noqa: E402
 from clbench.hparams import TrainConfig  # noqa: E402
-from clbench.adapters import merged  # noqa: E402
-
-
-class IncrementalHead(nn.Module):
-    """Linear head over all classes seen so far; grows by copying old rows into a larger layer."""
-
-    def __init__(self, in_features: int):
-        super().__init__()
-        self.in_features = in_features
-        self.fc = nn.Linear(in_features, 0)
-
-    @property
-    def n_classes(self) -> int:
-        return self.fc.out_features
-
-    def grow(self, n_new: int) -> None:
-        old = self.fc
-        new = nn.Linear(self.in_features, old.out_features + n_new).to(old.weight.device)
-        # SD-LoRA's SimpleLinear init (also fine for the others): kaiming-uniform, zero bias.
-        nn.init.kaiming_uniform_(new.weight, nonlinearity="linear")
-        nn.init.zeros_(new.bias)
-        with torch.no_grad():
-            new.weight[: old.out_features] = old.weight
-            new.bias[: old.out_features] = old.bias
-        self.fc = new
-
-    def resize(self, n_classes: int) -> None:
-        if n_classes > self.n_classes:
-            self.grow(n_classes - self.n_classes)
-
-    def forward(self, features):
-        return self.fc(features)
-
-
-# ToTensor's value of every uint8 pixel (float32 x/255, computed once on the CPU). Looking pixels
-# up gives the same bits on every device, where a device's own division may not (CUDA divides by
-# a scalar as a multiplication by its reciprocal).
-PIXEL_VALUES = torch.arange(256, dtype=torch.float32).div(255)
-
-
-class CLModel(nn.Module):
-    """Backbone (timm ViT, ``num_classes=0``) + input normalisation + incremental head."""
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, mean=None, std=None):
-        super().__init__()
-        self.backbone = backbone
-        self.head = IncrementalHead(feature_dim)
-        self.register_buffer("pixel_values", PIXEL_VALUES.clone(), persistent=False)
-        self.normalize_input = mean is not None
-        if self.normalize_input:
-            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def normalize(self, x):
-        """The backbone's input: uint8 pixels (what image loaders deliver) become ToTensor's
-        [0, 1] floats here, on the device; then the backbone's mean/std, if it has one."""
-        if x.dtype == torch.uint8:
-            x = self.pixel_values.index_select(0, x.flatten().int()).view(x.shape)
-        return (x - self.mean) / self.std if self.normalize_input else x
-
-    def features(self, x):
-        return self.backbone(self.normalize(x))
-
-    def forward(self, x):
-        return self.head(self.features(x))
+from clbench.model import CLModel  # noqa: E402
 
 
 def _no_optimizer():
@@ -193,6 +133,10 @@ class CLStrategy(SupervisedTemplate):
 
     def extra_loss(self) -> torch.Tensor | float:
         return 0.0
+
+    def clip_gradients(self) -> None:
+        """Clip the gradients in place before every optimiser step (called after they are summed
+        over data-parallel ranks). Default: no clipping."""
 
     def extra_state(self) -> dict:
         """Everything besides the model's tensors needed to rebuild the model at resume."""
@@ -382,8 +326,9 @@ class CLStrategy(SupervisedTemplate):
 
 class CoreHooks(SupervisedPlugin):
     """The base class's own work at Avalanche's public callbacks: bf16 autocast around the
-    forward and loss, data-parallel gradient reduction, the per-epoch schedule, a device-side
-    finiteness flag (one host sync per epoch, not per step) and the method's ``after_task``."""
+    forward and loss, data-parallel gradient reduction, the method's ``clip_gradients`` before
+    each optimiser step, the per-epoch schedule, a device-side finiteness flag (one host sync per
+    epoch, not per step) and the method's ``after_task``."""
 
     def before_training_exp(self, strategy, **kwargs):
         strategy._finite = torch.ones((), dtype=torch.bool, device=strategy.device)
@@ -403,6 +348,9 @@ class CoreHooks(SupervisedPlugin):
 
     def after_backward(self, strategy, **kwargs):
         distributed.reduce_gradients(strategy.trainable_parameters(), len(strategy.mb_y))
+
+    def before_update(self, strategy, **kwargs):
+        strategy.clip_gradients()
 
     def after_training_epoch(self, strategy, **kwargs):
         strategy.check_finite()

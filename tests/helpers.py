@@ -7,8 +7,8 @@ from torch.utils.data import Dataset
 
 from clbench.benchmark import SplitData
 from clbench.context import RunContext
+from clbench.model import CLModel
 from clbench.streams import build_stream
-from clbench.strategy import CLModel
 
 DIM = 24
 

@@ -18,9 +18,10 @@ from torch.nn import functional as F
 from clbench import plan as run_plan
 from clbench.class_stats import ClassStatistics
 from clbench.errors import UsageError
-from clbench.methods.prompt import hide_prompt
-from clbench.methods.prompt.hide_prompt import (HiDePrompt, HiDePromptConfig, contrastive_regulariser,
-                                         gaussian_replay, official_layout)
+from clbench.methods.prompt import hide_mechanisms, hide_prompt
+from clbench.methods.prompt.hide_mechanisms import (contrastive_regulariser, gaussian_replay,
+                                                    official_layout)
+from clbench.methods.prompt.hide_prompt import HiDePrompt, HiDePromptConfig
 from helpers import build, tensor_stream, tiny_vit
 from test_dualprompt import reference_forward
 
@@ -127,16 +128,50 @@ def test_training_pass_uses_the_task_prompt_mixed_by_momentum_and_the_regularise
     assert torch.all(s.model.prompt.grad[:, :2] == 0) and s.model.prompt.grad[:, 2].abs().sum() > 0
 
 
-def test_task_identity_depends_on_the_frozen_features_only():
-    s = make()
-    x = torch.rand(8, 3, 16, 16)
-    query = s.model.backbone.forward_features(x)[:, 0]
-    before = s.predicted_tasks(query)
+def _inference(s, x, y, monkeypatch):
+    """Logits of the inference forward and, per image, the task whose prompt its prompted pass
+    used (read from the prompts handed to that pass, whatever chose them)."""
+    passes = []
+    real = s.prompted_features
+
+    def spy(images, prompts):
+        passes.append(prompts.detach().clone())
+        return real(images, prompts)
+
+    monkeypatch.setattr(s, "prompted_features", spy)
+    batch(s, x, y, training=False, task=2)
     with torch.no_grad():
-        s.model.prompt.normal_()  # prompts play no part in task identity
-        s.model.head.fc.weight.normal_()
-    torch.testing.assert_close(s.predicted_tasks(query), before, rtol=0, atol=0)
-    torch.testing.assert_close(before, reference_tii(s, x).argmax(1) // 2, rtol=0, atol=0)
+        logits = s.forward()
+    monkeypatch.undo()
+    assert len(passes) == 1, "inference runs one prompted pass (after the frozen query pass)"
+    used = passes[0]  # layers, B, 2L, D: each image's prompt
+    stored = s.model.prompt.detach()  # layers, tasks, 2L, D
+    matches = torch.stack([(used[:, b, None] == stored).flatten(2).all(2).all(0)
+                           for b in range(len(x))])  # B, tasks
+    assert bool((matches.sum(1) == 1).all()), "each image reads exactly one task's prompt"
+    return logits, matches.float().argmax(1)
+
+
+def test_task_identity_comes_from_the_frozen_features_not_the_prompted_ones(monkeypatch):
+    """The prompts play no part in choosing the prompt: perturbing every prompt leaves each
+    image's task unchanged (and equal to the official TII on the un-prompted feature) while the
+    prompted logits change. A task identity computed from a prompted pass would move."""
+    s = make()
+    x, y = torch.rand(6, 3, 16, 16), torch.arange(6)
+    with torch.no_grad():  # class rows = each image's own TII feature: several task identities
+        t = s.model.tii
+        f = s.model.backbone.forward_features(x)[:, 0]
+        h = t.norm(f + t.fc2(F.gelu(t.fc1(f))))
+        t.head.fc.weight.copy_(h - h.mean(0))  # logits (h_i - m)·(h_j - m)
+        t.head.fc.bias.copy_(-(h.mean(0) * (h - h.mean(0))).sum(1))
+    logits, tasks = _inference(s, x, y, monkeypatch)
+    assert len(set(tasks.tolist())) > 1  # several task identities are exercised
+    torch.testing.assert_close(tasks, reference_tii(s, x).argmax(1) // 2, rtol=0, atol=0)
+    with torch.no_grad():
+        s.model.prompt.mul_(-3.0).add_(torch.randn_like(s.model.prompt))
+    perturbed_logits, perturbed_tasks = _inference(s, x, y, monkeypatch)
+    torch.testing.assert_close(perturbed_tasks, tasks, rtol=0, atol=0)
+    assert (perturbed_logits - logits).abs().max() > 1e-3  # the prompts do reach the logits
 
 
 def _train(s, stream, task):
@@ -149,13 +184,13 @@ def test_statistics_old_prompts_and_replay_over_two_tasks(monkeypatch):
     s = build(HiDePrompt, tiny_vit(dim=24, depth=5), n_tasks=2, epochs=2, batch_size=6, lr=0.01,
               prompt_length=2, tap_epochs=2, tii_epochs=1, schedule="constant")
     replayed = []
-    real = hide_prompt.gaussian_replay
+    real = hide_mechanisms.gaussian_replay
 
     def spy(stats, classes, per_class, generator, jitter=1e-4):
         replayed.append((stats, classes))
         return real(stats, classes, per_class, generator, jitter)
 
-    monkeypatch.setattr(hide_prompt, "gaussian_replay", spy)
+    monkeypatch.setattr(hide_mechanisms, "gaussian_replay", spy)
     after0 = _train(s, stream, 0)
     assert replayed == []  # no refinement after the first task
     # statistics of task 0 equal a direct computation over its training images
@@ -190,6 +225,29 @@ def test_statistics_old_prompts_and_replay_over_two_tasks(monkeypatch):
     info = s.task_info()
     assert info["stored_statistic_floats"] == 2 * 4 * (1 + 24 + 24 * 24)
     assert info["trainable_params_this_task"] == s.trainable_parameter_count()
+
+
+def test_the_two_official_stages_are_clipped_each_on_its_own(monkeypatch):
+    """As the official trainers: the prompt + output-head stage and the TII stage each clip their
+    own global norm to ``grad_clip`` at every step of the core's loop (one joint clip would leave
+    each below it)."""
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=6)
+    s = build(HiDePrompt, tiny_vit(dim=24, depth=5), n_tasks=2, epochs=2, batch_size=6,
+              prompt_length=2, tii_epochs=2, tap_epochs=1, schedule="constant", grad_clip=1e-4)
+    stages = [lambda s: [s.model.prompt, *s.model.head.parameters()],
+              lambda s: list(s.model.tii.parameters())]
+    norms, real = [], torch.optim.Adam.step
+
+    def step(optimizer, *args, **kwargs):
+        norms.append([float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in stage(s)])))
+                      for stage in stages])
+        return real(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    s.train(stream.train[0])
+    norms = torch.tensor(norms)
+    assert len(norms) == 4  # 2 epochs × 2 batches
+    torch.testing.assert_close(norms, torch.full_like(norms, 1e-4), rtol=1e-3, atol=0)
 
 
 def test_gaussian_replay_reproduces_the_stored_mean_and_covariance():

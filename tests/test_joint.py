@@ -5,9 +5,9 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from clbench.backbones import load_backbone
+from clbench.model import CLModel
 from clbench.registry import BENCHMARKS, METHODS
 from clbench.streams import build_stream
-from clbench.strategy import CLModel
 
 
 class LabelSpy(SupervisedPlugin):

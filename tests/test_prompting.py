@@ -330,6 +330,38 @@ def test_two_tasks_keep_backbone_and_old_parts_fixed(cls, config):
         assert s.task_info()["prompt_blocks"] == ([] if cls is L2P else [0, 1])
 
 
+def _norms_at_each_step(monkeypatch, s, stream, groups):
+    """Train one task; at every optimiser step, the gradient norm of each parameter set."""
+    norms, real = [], torch.optim.Adam.step
+
+    def step(optimizer, *args, **kwargs):
+        norms.append([float(torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for p in group(s) if p.grad is not None]))) for group in groups])
+        return real(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    s.train(stream.train[0])
+    assert norms, "no optimiser step ran"
+    return torch.tensor(norms)
+
+
+def _stepped(s):
+    return [p for group in s.optimizer.param_groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("cls,clip,config", [(L2P, 1e-4, {}), (CodaPrompt, 1e-4, dict(n_components=8)),
+                                             (L2PPlusPlus, 0.0, {})])
+def test_the_core_clips_gradients_before_every_optimizer_step(monkeypatch, cls, clip, config):
+    """``grad_clip`` reaches every step of the core's training loop (the ``clip_gradients`` hook):
+    the norm the optimiser sees is the clip; with 0 the gradients pass untouched."""
+    s = make_strategy(cls, tiny_vit(), epochs=1, batch_size=8, lr=0.01, grad_clip=clip, **config)
+    norms = _norms_at_each_step(monkeypatch, s, toy_stream(), [_stepped])
+    if clip:
+        torch.testing.assert_close(norms, torch.full_like(norms, clip), rtol=1e-3, atol=0)
+    else:
+        assert float(norms.min()) > 1e-3  # unclipped gradients are far above 1e-4
+
+
 def test_coda_new_slots_are_gram_schmidt_orthogonal_at_task_start():
     stream = toy_stream()
     s = make_strategy(CodaPrompt, tiny_vit(), epochs=1, batch_size=8, n_components=8, n_tasks=2)

@@ -19,9 +19,9 @@ from clbench.adapters import QKVAdapter, merged
 from clbench.context import RunContext
 from clbench.errors import UsageError
 from clbench.hparams import parse_override
-from clbench.registry import METHODS
 from clbench.methods.lora.sdlora.adapter import DecoupledLoRA, least_squares_fit
-from clbench.strategy import CLModel
+from clbench.model import CLModel
+from clbench.registry import METHODS
 
 SDLoRA, SDLoRARR, SDLoRAKD = (METHODS.get(n) for n in ("sdlora", "sdlora-rr", "sdlora-kd"))
 from clbench.methods.lora.sdlora import rank_for_task  # noqa: E402  (after registry discovery)

@@ -29,7 +29,7 @@ def test_uint8_images_reach_the_backbone_as_exactly_totensors_values():
     from PIL import Image
     from torchvision import transforms as T
 
-    from clbench.strategy import CLModel
+    from clbench.model import CLModel
     from helpers import DIM
 
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)

@@ -18,7 +18,7 @@ HARNESS_TARGET = 1.05
 def measure_harness(backbone, mean, std, device, repeats: int, quick: bool) -> dict:
     """finetune's ``train()`` on digits task 1 vs the same epoch in a bare loop."""
     from clbench.progress import ProgressPlugin
-    from clbench.strategy import CLModel
+    from clbench.model import CLModel
 
     input_size = backbone.patch_embed.img_size[0]
     _, stream = digits_stream(input_size)

@@ -46,7 +46,7 @@ class IterationTimer(SupervisedPlugin):
 
 def measure_plain(backbone, mean, std, shapes: Shapes, device) -> dict:
     """The unmodified backbone + head in a bare loop: the reference for every method."""
-    from clbench.strategy import CLModel
+    from clbench.model import CLModel
 
     size = backbone.patch_embed.img_size[0]
     generator = torch.Generator().manual_seed(0)

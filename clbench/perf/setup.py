@@ -102,7 +102,7 @@ def build_strategy(name: str, backbone, mean, std, shapes: Shapes, device, plugi
     from clbench.context import RunContext
     from clbench.registry import METHODS
     from clbench.runner import RunPlan, method_config
-    from clbench.strategy import CLModel
+    from clbench.model import CLModel
 
     cls = METHODS.get(name)
     plan = RunPlan(run_dir="", epochs=1, batch_size=shapes.batch)

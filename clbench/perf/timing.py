@@ -13,8 +13,7 @@ import time
 import torch
 
 from clbench.distributed import all_cores
-
-PRECISIONS = ("bf16", "tf32", "fp32")
+from clbench.precision import PRECISIONS, autocast
 
 
 def sync(device) -> None:
@@ -63,10 +62,7 @@ def precision(name: str, device):
     for obj, attr, on, off in switches:
         setattr(obj, attr, on if name == "tf32" else off)
     try:
-        if name == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                yield
-        else:
+        with autocast(name, device):
             yield
     finally:
         for (obj, attr, _, _), value in zip(switches, saved):

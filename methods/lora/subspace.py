@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clbench.precision import exact
+
 
 def threshold(lambda_b: float, lambda_e: float, task: int, n_tasks: int) -> float:
     """ε_t = λ_b + (λ_e − λ_b)·t/T with the 0-based task index t (so ε_{T−1} < λ_e)."""
@@ -163,7 +165,7 @@ class SecondMoments:
         def record(module, inputs):
             x = inputs[0].detach()
             flat = x.reshape(-1, x.shape[-1]).double()
-            with torch.autocast(flat.device.type, enabled=False):
+            with exact(flat.device):
                 gram = flat.T @ flat
             self.sums[index] = gram if self.sums[index] is None else self.sums[index] + gram
             self.counts[index] += flat.shape[0]

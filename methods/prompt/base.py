@@ -77,7 +77,6 @@ class PromptStrategy(CLStrategy):
 
     Config = PromptConfig
     forward_passes_per_image = 2  # the frozen query pass + the prompted pass
-    backbone_frozen = True
     optimizer_name = "adam"
 
     def query(self) -> torch.Tensor:
@@ -108,8 +107,12 @@ class PromptStrategy(CLStrategy):
     def make_scheduler_for_task(self, optimizer):
         return cosine_per_epoch(optimizer, self.config.epochs) if self.config.schedule == "cosine" else None
 
-    def optimizer_step(self):
+    def clip_groups(self) -> list[list[torch.nn.Parameter]]:
+        """The parameter sets whose gradient norm is clipped to ``grad_clip``, each on its own.
+        Default: one set, everything the optimiser steps."""
+        return [[p for group in self.optimizer.param_groups for p in group["params"]]]
+
+    def clip_gradients(self) -> None:
         if self.config.grad_clip > 0:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        super().optimizer_step()
+            for params in self.clip_groups():
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)

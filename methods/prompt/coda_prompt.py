@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from clbench.errors import UsageError
 from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
                                split_prefix)
+from clbench.precision import exact
 from clbench.registry import register_method
 
 
@@ -81,7 +82,7 @@ class CodaComponents(nn.Module):
 
 def component_weights(query: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor):
     """α (B, M) = cos(q ⊙ A_m, K_m)."""
-    with torch.autocast(query.device.type, enabled=False):  # cosines in float32 under bf16
+    with exact(query.device):  # cosines in float32 under bf16
         attended = F.normalize(query.float().unsqueeze(1) * attention.float().unsqueeze(0), dim=2)
         return torch.einsum("bmd,md->bm", attended, F.normalize(keys.float(), dim=1))
 

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from clbench.errors import UsageError
 from clbench.methods.prompt import PromptConfig, PromptStrategy, check_promptable, prompted_tokens
+from clbench.precision import exact
 from clbench.registry import register_method
 
 
@@ -39,7 +40,7 @@ class DualPromptParams(nn.Module):
 
     def similarity(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """(B, T) cosine between the (detached) queries and E-block ``layer``'s keys."""
-        with torch.autocast(query.device.type, enabled=False):  # ties must not come from bf16
+        with exact(query.device):  # ties must not come from bf16
             return (F.normalize(query.detach().float(), dim=1)
                     @ F.normalize(self.e_keys[layer].float(), dim=1).T)
 

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from clbench.errors import UsageError
 from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
                                split_prefix)
+from clbench.precision import exact
 from clbench.registry import register_method
 
 
@@ -34,7 +35,7 @@ class PromptPool(nn.Module):
 
     def similarity(self, query: torch.Tensor) -> torch.Tensor:
         """(B, M) cosine between each query and each key; the query carries no gradient."""
-        with torch.autocast(query.device.type, enabled=False):  # ties must not come from bf16
+        with exact(query.device):  # ties must not come from bf16
             return F.normalize(query.detach().float(), dim=1) @ F.normalize(self.keys.float(), dim=1).T
 
 

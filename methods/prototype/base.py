@@ -17,7 +17,9 @@ from torch.nn import functional as F
 
 from clbench.class_stats import ClassStatistics, StatisticsOptions, collect
 from clbench.hparams import TrainConfig
-from clbench.strategy import CLStrategy, IncrementalHead
+from clbench.model import IncrementalHead
+from clbench.precision import exact
+from clbench.strategy import CLStrategy
 
 
 class CosineHead(IncrementalHead):
@@ -49,7 +51,7 @@ class CosineHead(IncrementalHead):
 
 def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """cos(feature, prototype) for every class, in float32 outside autocast."""
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with exact(features.device):
         return F.normalize(features.float(), dim=1) @ F.normalize(
             prototypes.to(features.device, torch.float32), dim=1).T
 

@@ -22,6 +22,7 @@ from clbench.class_stats import ClassStatistics
 from clbench.errors import UsageError
 from clbench.methods.prototype.first_session import AdapterConfig
 from clbench.methods.prototype.base import CosineHead, PrototypeStrategy
+from clbench.precision import exact
 from clbench.registry import register_method
 
 _CIFAR = dict(epochs=20, lr=0.025, batch_size=48, weight_decay=5e-4, min_lr=0.0, ffn_num=64,
@@ -177,7 +178,7 @@ class EASE(PrototypeStrategy):
         logits = 0.0
         for j, index in enumerate(indices):
             features = self.subspace_features(images, index)
-            with torch.autocast(device_type=images.device.type, enabled=False):
+            with exact(images.device):
                 cosine = F.normalize(features.float(), dim=1) @ F.normalize(protos[:, j], dim=1).T
                 logits = logits + cosine * weights[:, j]
         return logits

@@ -20,6 +20,7 @@ from clbench.class_stats import ClassStatistics
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
 from clbench.methods.prototype.first_session import AdapterConfig, FirstSessionTuning
+from clbench.precision import exact
 from clbench.registry import register_method
 
 RIDGES = tuple(10.0 ** k for k in range(-8, 9))
@@ -102,7 +103,7 @@ class RanPAC(FirstSessionTuning):
 
     def projected(self, features: torch.Tensor) -> torch.Tensor:
         """h = ReLU(f W) in float32, outside autocast."""
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with exact(features.device):
             features = features.float()
             if self.projection is None:
                 return features
@@ -126,7 +127,7 @@ class RanPAC(FirstSessionTuning):
         try:
             for batch in loader:
                 images, labels = batch[0].to(device), batch[1]
-                with torch.autocast(device_type=device.type, enabled=False):
+                with exact(device):
                     h = self.projected(self.model.features(images)).double()
                 held = holdout_mask(batch[0]).to(device)
                 gram_task += h.T @ h
@@ -161,7 +162,7 @@ class RanPAC(FirstSessionTuning):
 
     def predict(self, images):
         h = self.projected(self.model.features(images))
-        with torch.autocast(device_type=h.device.type, enabled=False):
+        with exact(h.device):
             return h @ self.weights.T
 
     def task_info(self) -> dict:

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.adapters import SLICE_INDEX, QKVAdapter
+from clbench.precision import exact
 
 
 class InfLoRAAdapter(QKVAdapter):
@@ -50,7 +51,7 @@ class InfLoRAAdapter(QKVAdapter):
     def fold(self) -> None:
         """Freeze the finished branch into ``old_delta`` (same function, flat cost; exact, so
         never under autocast)."""
-        with torch.autocast(self.down.device.type, enabled=False):
+        with exact(self.down.device):
             self.old_delta[0] += self.up_k @ self.down
             self.old_delta[1] += self.up_v @ self.down
         self.up_k.zero_()

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.adapters import SLICE_INDEX, QKVAdapter, install_qkv_adapters
+from clbench.precision import exact
 
 NORMS = ("factor_product", "frobenius")
 
@@ -70,7 +71,7 @@ class _MergedLowRank(torch.autograd.Function):
     def forward(ctx, x, weight, bias, meta, *factors):
         merged = weight.detach().clone()
         dim = weight.shape[1]
-        with torch.autocast(x.device.type, enabled=False):
+        with exact(x.device):
             for (start, _), i in zip(meta, range(0, len(factors), 3)):
                 A, B, c = factors[i:i + 3]
                 merged[start:start + dim].addmm_(B * c, A)

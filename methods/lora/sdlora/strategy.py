@@ -97,7 +97,6 @@ class SDLoRAKDConfig(SDLoRAConfig):
 class SDLoRA(CLStrategy):
     Config = SDLoRAConfig
     forward_passes_per_image = 1
-    backbone_frozen = True
     variant_keys = ("mode",)  # per-benchmark defaults depend on the chosen mode
 
     @classmethod
