@@ -56,7 +56,6 @@ def test_spec_is_the_architecture_of_the_shipped_weights(script, shipped_meta):
     assert SPEC.file.stat().st_size < 2.5e6
     assert (SPEC.mean, SPEC.std) == (tuple(shipped_meta["mean"]), tuple(shipped_meta["std"]))
     assert shipped_meta["input_size"] == [3, 16, 16] and shipped_meta["num_classes"] == 52
-    assert shipped_meta["evaluation_digits"]["pretrained"]["linear_probe"] > 0.95
     x, y = script.render_letters(52, seed=11)
     with torch.no_grad():
         letter_acc = float((model.eval()(script.normalize(x)).argmax(1) == y).float().mean())
@@ -66,6 +65,24 @@ def test_spec_is_the_architecture_of_the_shipped_weights(script, shipped_meta):
     assert torch.equal(harness.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     feats = script.features(harness, x)
     assert feats.shape == (52, 96) and torch.isfinite(feats).all()
+
+
+def _nearest_mean_accuracy(f_train, y_train, f_test, y_test) -> float:
+    means = torch.stack([f_train[y_train == c].mean(0) for c in range(int(y_train.max()) + 1)])
+    return float((torch.cdist(f_test, means).argmin(1) == y_test).float().mean())
+
+
+def test_shipped_weights_separate_the_digits_by_nearest_class_mean(script):
+    """Computed, not read from the sidecar: the shipped trunk, loaded as ``clbench run`` loads it,
+    gives digit features whose nearest class mean is right for 0.89 of the test digits (the same
+    architecture at random init: 0.28-0.31, seeds 0-2), so wrong or damaged weights fail here."""
+    from clbench.digits_data import load_digits_tensors
+
+    x_tr, y_tr, x_te, y_te = load_digits_tensors()
+    model = load_backbone(SPEC.name).model
+    accuracy = _nearest_mean_accuracy(script.features(model, x_tr), y_tr,
+                                      script.features(model, x_te), y_te)
+    assert accuracy > 0.85, accuracy
 
 
 def test_short_pretraining_writes_weights_the_harness_loads(script, tmp_path):
@@ -107,11 +124,18 @@ def _quick_probe(script, model, digits) -> float:
 
 
 @pytest.mark.slow  # a few seconds: features of 1,797 digits, three probes
-def test_pretrained_features_beat_random_init_on_digits(script):
+def test_pretrained_features_beat_random_init_on_digits(script, shipped_meta):
     from clbench.digits_data import load_digits_tensors
 
     digits = load_digits_tensors()
-    acc_pre = _quick_probe(script, load_backbone(SPEC.name).model, digits)
+    shipped = load_backbone(SPEC.name).model
+    # the sidecar's number, recomputed from the weights by its own protocol (max_iter=3000)
+    x_tr, y_tr, x_te, y_te = digits
+    recomputed = script.linear_probe_accuracy(script.features(shipped, x_tr), y_tr,
+                                              script.features(shipped, x_te), y_te)
+    recorded = shipped_meta["evaluation_digits"]["pretrained"]["linear_probe"]
+    assert recomputed == pytest.approx(recorded, abs=2 / len(y_te)), (recomputed, recorded)
+    acc_pre = _quick_probe(script, shipped, digits)
     torch.manual_seed(0)
     acc_rand = _quick_probe(script, script.build_model(num_classes=0), digits)
     # measured: 0.98 with the shipped weights, 0.78-0.81 at random init (3 seeds)

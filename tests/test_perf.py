@@ -139,16 +139,34 @@ def test_e2e_runs_the_cli_and_reports_consistent_rates(tmp_path, capsys):
     assert f"model alone: train {model['train_images_per_s']:.0f} img/s" in out
 
 
-def test_losscurve_same_start_and_data_per_precision(tmp_path, capsys):
+def test_losscurve_measures_and_reports_each_precision_separately(tmp_path, capsys):
+    """fp32 and bf16 (CPU autocast) from the same start on the same batches: two curves, each
+    precision's own summary, and bf16 close to fp32 but not equal to it (it really ran under
+    autocast; a run that ignored the precision would repeat the fp32 curve bit for bit)."""
     out_json = tmp_path / "perf.json"
+    steps = 6
     code, out, err = perf_main(capsys, "--sections", "losscurve", "--device", "cpu",
-                               "--json", out_json, "--losscurve-steps", 6, "--losscurve-batch", 8,
-                               "--losscurve-precisions", "fp32,fp32", "--losscurve-lr", 1e-3)
+                               "--json", out_json, "--losscurve-steps", steps, "--losscurve-batch", 8,
+                               "--losscurve-precisions", "fp32,bf16", "--losscurve-lr", 1e-3)
     assert code == 0, err
     r = json.loads(out_json.read_text())["losscurve"]
-    assert len(r["curves"]["fp32"]) == 6 and all(positive(v) for v in r["curves"]["fp32"])
-    assert r["max_abs_step_difference_vs_reference"]["fp32"] == 0.0
-    assert "losscurve." in out
+    curves = r["curves"]
+    assert list(curves) == ["fp32", "bf16"] and r["reference"] == "fp32"
+    for name, curve in curves.items():
+        assert len(curve) == steps and all(positive(v) for v in curve), name
+        w = r["window"]
+        assert r["first_window_mean"][name] == pytest.approx(sum(curve[:w]) / w)
+        assert r["last_window_mean"][name] == pytest.approx(sum(curve[-w:]) / w)
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    step_diff = max(abs(a - b) for a, b in zip(bf16, fp32))
+    assert r["max_abs_step_difference_vs_reference"] == {"fp32": 0.0, "bf16": step_diff}
+    assert bf16 != fp32  # measured under bf16 autocast, not a copy of the fp32 run
+    assert abs(bf16[0] - fp32[0]) < 0.05 * fp32[0]  # same weights and batch: same loss to bf16 rounding
+    for name in ("fp32", "bf16"):  # one summary line per precision
+        line = [row for row in out.splitlines() if row.strip().startswith(f"{name}:")]
+        assert len(line) == 1, out
+        assert f"{r['first_window_mean'][name]:.4f} → {r['last_window_mean'][name]:.4f}" in line[0]
+        assert f"{r['max_abs_step_difference_vs_reference'][name]:.4f}" in line[0]
 
 
 @pytest.mark.slow
