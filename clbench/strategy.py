@@ -168,10 +168,6 @@ class CLStrategy(SupervisedTemplate):
                 open_autocast.__exit__(None, None, None)
                 self._autocast = None
 
-    @property
-    def current_classes(self) -> int:
-        return self.model.head.n_classes - self.known_classes
-
     def model_adaptation(self, model=None):
         return self.model if model is None else model
 
