@@ -23,16 +23,43 @@ def _csv(kind):
     return parse
 
 
-# `run` flags that define what is computed: with --resume the stored plan decides them.
-PLAN_FLAGS = ("methods", "bench", "tasks", "seeds", "backbone", "checkpoint", "epochs", "batch_size",
-              "lr", "data_dir", "overrides", "plugins", "name", "precision", "out", "download")
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit 2 (no usage dump)."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def shared_flags() -> argparse.ArgumentParser:
+    """The flags ``run`` and ``sweep`` share, declared once. Their ``dest`` names are the
+    ``RunPlan`` fields they set (``plan.plan_from_args`` reads them by that name)."""
+    shared = OneLineParser(add_help=False)
+    a = shared.add_argument
+    a("--methods", default=None, help="comma-separated method names, or 'all' (run's default: "
+                                      "every built-in method; sweep: required)")
+    a("--seeds", type=_csv(int), default=None, help="e.g. 1993,1994 (benchmark default)")
+    a("--backbone", default=None, help="backbone short name or timm name")
+    a("--checkpoint", default=None, help="local .safetensors/.pth weights for the backbone")
+    a("--epochs", type=int, default=None, help="override every method's epochs")
+    a("--batch-size", type=int, default=None, help="override every method's batch size")
+    a("--lr", type=float, default=None, help="override every method's learning rate (and scale "
+                                             "the other rates each method lists in lr_scaled_fields)")
+    a("--data-dir", default=None, help="data root (else $CLBENCH_DATA, else ~/.cache/clbench)")
+    a("--out", default="runs", help="output folder (default: runs)")
+    a("--name", default=None, help="run or sweep folder name (default: <bench>-<timestamp>, "
+                                   "sweep-<timestamp>)")
+    a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+      help="hyperparameter override, e.g. --set sdlora.ranks=[8] or --set split=coda")
+    a("--plugin", dest="plugins", action="append", default=[], metavar="FILE_OR_MODULE",
+      help="python file or module that registers methods/benchmarks")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    a("--workers", type=int, default=None,
+      help="data-loader worker processes (default: all cores for image benchmarks on a GPU, "
+           "else 0; changes no number: augmentation is seeded per sample)")
+    a("--wandb", choices=WANDB_MODES, default="disabled")
+    a("--precision", choices=("bf16", "tf32", "fp32"), default=None,
+      help="bf16 autocast (default on CUDA), tf32, or fp32 (default on CPU)")
+    return shared
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,49 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--plugin", dest="plugins", action="append", default=[],
                          metavar="FILE", help="also list what a plugin file registers")
 
-    run = sub.add_parser("run", help="train methods class-incrementally and write results + report")
-    run.add_argument("--methods", type=str, default=None,
-                     help="comma-separated method names, or 'all' (default: every built-in method)")
-    run.add_argument("--bench", default="digits", help="benchmark name (default: digits, embedded)")
-    run.add_argument("--tasks", type=int, default=None, help="number of tasks (benchmark default)")
-    run.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 1993,1994 (benchmark default)")
-    run.add_argument("--backbone", default=None, help="backbone short name or timm name")
-    run.add_argument("--checkpoint", default=None, help="local .safetensors/.pth weights for the backbone")
-    run.add_argument("--epochs", type=int, default=None, help="override every method's epochs")
-    run.add_argument("--batch-size", type=int, default=None, help="override every method's batch size")
-    run.add_argument("--lr", type=float, default=None, help="override every method's learning rate")
-    run.add_argument("--data-dir", default=None, help="data root (else $CLBENCH_DATA, else ~/.cache/clbench)")
+    shared = shared_flags()
+    run = sub.add_parser("run", parents=[shared],
+                         help="train methods class-incrementally and write results + report")
+    run.add_argument("--bench", dest="benchmark", default="digits",
+                     help="benchmark name (default: digits, embedded)")
+    run.add_argument("--tasks", dest="n_tasks", type=int, default=None,
+                     help="number of tasks (benchmark default)")
     run.add_argument("--download", action="store_true", help="download missing data (verified)")
-    run.add_argument("--out", default="runs", help="output folder (default: runs)")
-    run.add_argument("--name", default=None, help="run name (default: <bench>-<timestamp>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="hyperparameter override, e.g. --set sdlora.rank=8 or --set split=coda")
-    run.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE_OR_MODULE",
-                     help="python file or module that registers methods/benchmarks")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--workers", type=int, default=None,
-                     help="data-loader worker processes (default: all cores for image benchmarks "
-                          "on a GPU, else 0; changes no number: augmentation is seeded per sample)")
-    run.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
-    run.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None,
-                     help="bf16 autocast (default on CUDA), tf32, or fp32 (default on CPU)")
     run.add_argument("--decoded-cache", action="store_true",
                      help="decode each image file once into <data>/.decoded/ (disk: w×h×3 bytes "
                           "per image) and read pixels from there; the samples stay identical")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print every job's resolved configuration and the source of each value, "
+                          "then exit without loading data or weights or writing anything")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     run.add_argument("--ddp", action="store_true",
                      help="data-parallel over --nproc processes via torchrun (gloo on CPU, nccl on GPU)")
     run.add_argument("--nproc", type=int, default=None,
                      help="processes for --ddp (default: number of GPUs, else 2)")
 
-    sweep = sub.add_parser("sweep", help="run a methods × benchmarks × tasks × seeds grid with submitit")
-    sweep.add_argument("--methods", required=True, help="comma-separated method names, or 'all'")
-    sweep.add_argument("--bench", type=_csv(str), default=["digits"], help="comma-separated benchmarks")
-    sweep.add_argument("--tasks", type=_csv(int), default=None, help="e.g. 5,10,20 (benchmark default)")
-    sweep.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 1993,1994,1995")
-    sweep.add_argument("--out", default="runs")
-    sweep.add_argument("--name", default=None, help="sweep folder name (default: sweep-<timestamp>)")
+    sweep = sub.add_parser("sweep", parents=[shared],
+                           help="run a methods × benchmarks × tasks × seeds grid with submitit")
+    sweep.add_argument("--bench", dest="benchmarks", type=_csv(str), default=["digits"],
+                       help="comma-separated benchmarks")
+    sweep.add_argument("--tasks", dest="task_counts", type=_csv(int), default=None,
+                       help="e.g. 5,10,20 (benchmark default)")
     sweep.add_argument("--launcher", choices=("local", "slurm"), default="local")
     sweep.add_argument("--slurm-partition", default=None)
     sweep.add_argument("--gpus-per-run", type=int, default=1)
@@ -94,17 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--mem-gb", type=int, default=64)
     sweep.add_argument("--timeout-min", type=int, default=240)
     sweep.add_argument("--max-parallel", type=int, default=None, help="array parallelism limit")
-    for flag in ("--backbone", "--checkpoint", "--data-dir"):
-        sweep.add_argument(flag, default=None)
-    sweep.add_argument("--epochs", type=int, default=None)
-    sweep.add_argument("--batch-size", type=int, default=None)
-    sweep.add_argument("--lr", type=float, default=None)
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sweep.add_argument("--plugin", dest="plugins", action="append", default=[])
-    sweep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    sweep.add_argument("--workers", type=int, default=None)
-    sweep.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
-    sweep.add_argument("--precision", choices=("bf16", "tf32", "fp32"), default=None)
     sweep.add_argument("--no-wait", action="store_true", help="submit and return without waiting")
 
     from clbench.perf.options import add_arguments as add_perf_arguments
@@ -137,41 +137,13 @@ def cmd_list(args) -> int:
     return 0
 
 
-def plan_from_args(args):
-    import time
+def _nproc(args) -> int:
+    """``--nproc``, else one process per GPU, else 2."""
+    if args.nproc is not None:
+        return args.nproc
+    import torch
 
-    from clbench.plan import RunPlan, load_plan
-
-    if args.resume:
-        defaults = build_parser().parse_args(["run"])
-        if args.methods == "all":
-            args.methods = None  # the same as no --methods
-        given = [f for f in PLAN_FLAGS if getattr(args, f) != getattr(defaults, f)]
-        if given:
-            flags = ", ".join("--" + f.replace("_", "-").replace("overrides", "set") for f in given)
-            raise UsageError(f"--resume continues {args.resume} exactly as planned; drop {flags} "
-                             "(or start a new run with --name)")
-        plan = load_plan(args.resume)
-        plan.device, plan.wandb = args.device, args.wandb
-        plan.decoded_cache = args.decoded_cache
-        if args.workers != defaults.workers:
-            plan.workers = args.workers
-        return plan
-    methods = None if args.methods in (None, "all") else [m.strip() for m in args.methods.split(",")]
-    name = args.name or f"{args.bench}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not name or "/" in name or name in (".", ".."):
-        raise UsageError(f"--name {name!r}: give a plain folder name")
-    def absolute(path):  # the plan must mean the same files when resumed from elsewhere
-        return str(Path(path).resolve()) if path else path
-
-    plugins = [absolute(p) if p.endswith(".py") else p for p in args.plugins]
-    return RunPlan(run_dir=str(Path(args.out).resolve() / name), benchmark=args.bench, n_tasks=args.tasks,
-                   methods=methods or [], seeds=args.seeds or [], backbone=args.backbone,
-                   checkpoint=absolute(args.checkpoint), epochs=args.epochs, lr=args.lr,
-                   batch_size=args.batch_size, overrides=args.overrides, plugins=plugins,
-                   data_dir=absolute(args.data_dir), download=args.download, device=args.device,
-                   workers=args.workers, wandb=args.wandb, precision=args.precision,
-                   decoded_cache=args.decoded_cache)
+    return torch.cuda.device_count() or 2
 
 
 def relaunch_with_torchrun(args, argv) -> int:
@@ -179,11 +151,7 @@ def relaunch_with_torchrun(args, argv) -> int:
     import os
     import subprocess
 
-    nproc = args.nproc
-    if nproc is None:
-        import torch
-
-        nproc = torch.cuda.device_count() or 2
+    nproc = _nproc(args)
     rest, skip = [], False
     for arg in argv:  # drop --ddp and --nproc N: the child processes are the workers
         if skip or arg == "--ddp" or arg.startswith("--nproc="):
@@ -202,10 +170,20 @@ def cmd_run(args) -> int:
 
     from clbench import runner
 
-    if args.ddp and "WORLD_SIZE" not in os.environ:
+    if args.ddp and not args.dry_run and "WORLD_SIZE" not in os.environ:
         return relaunch_with_torchrun(args, args.argv)
 
-    plan = plan_from_args(args)
+    from clbench.plan import plan_from_args, prepare
+
+    defaults = build_parser().parse_args(["run"]) if args.resume else None
+    plan = plan_from_args(args, defaults=defaults)
+    if args.dry_run:
+        from clbench.dryrun import describe
+
+        ddp = args.ddp and "WORLD_SIZE" not in os.environ  # the processes torchrun would start
+        print(describe(prepare(plan, resuming=bool(args.resume),
+                               processes=_nproc(args) if ddp else None)))
+        return 0
     try:
         paths = runner.run(plan, resuming=bool(args.resume))
     except KeyboardInterrupt:

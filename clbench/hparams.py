@@ -1,9 +1,10 @@
 """Hyperparameters as plain dataclasses, with validated ``--set key=value`` overrides.
 
 Every method and benchmark declares a ``Config`` dataclass whose defaults come from its paper or
-official code; per-benchmark defaults are applied on top, then the user's overrides. Values are
-parsed with ``ast.literal_eval`` and checked against the field's type, so ``--set sdlora.rank=x``
-fails with a one-line message instead of a crash halfway through a run.
+official code; per-benchmark defaults are applied on top, then the budget flags, then the user's
+overrides (``resolve_config``, which also says where each value came from, for ``--dry-run``).
+Values are parsed with ``ast.literal_eval`` and checked against the field's type, so
+``--set sdlora.rank=x`` fails with a one-line message instead of a crash halfway through a run.
 """
 from __future__ import annotations
 
@@ -100,17 +101,49 @@ def resolve_overrides(config, overrides: list[Override], scope: str) -> dict:
     return values
 
 
+def matches(item: Override, scopes_and_configs: list[tuple[str, object]]) -> bool:
+    """Whether the override sets a field of one of these (name, config) pairs."""
+    return any((item.scope == scope or item.scope is None) and item.key in field_types(type(cfg))
+               for scope, cfg in scopes_and_configs)
+
+
 def check_all_used(overrides: list[Override], scopes_and_configs: list[tuple[str, object]]) -> None:
     """Every override must match some method or benchmark of this run."""
     for item in overrides:
-        matched = any(
-            (item.scope == scope or item.scope is None) and item.key in field_types(type(cfg))
-            for scope, cfg in scopes_and_configs)
-        if not matched:
+        if not matches(item, scopes_and_configs):
             names = ", ".join(scope for scope, _ in scopes_and_configs)
             target = f"{item.scope}.{item.key}" if item.scope else item.key
             raise UsageError(f"--set {target}: no method or benchmark in this run ({names}) "
                              "has that hyperparameter; `clbench list` shows them")
+
+
+PAPER, RECIPE, SET = "paper default", "benchmark recipe", "--set"
+
+
+def resolve_config(strategy_cls, benchmark: str, n_tasks: int, budget: dict, overrides):
+    """(config, {field: source}): paper defaults ← the benchmark recipe (``defaults_for``) ←
+    budget flags ({field: (value, flag)}; the method's declared contract: ``--lr`` sets ``lr``
+    and scales every field in ``lr_scaled_fields`` by the same factor) ← ``--set``."""
+    config = strategy_cls.Config()
+    sources = dict.fromkeys((f.name for f in dataclasses.fields(config)), PAPER)
+    chosen = resolve_overrides(config, overrides, strategy_cls.registered_name)
+    # A method whose per-benchmark defaults depend on a chosen variant names it in variant_keys.
+    variant = {k: chosen[k] for k in getattr(strategy_cls, "variant_keys", ()) if k in chosen}
+    recipe = strategy_cls.defaults_for(benchmark, n_tasks, **variant)
+    config = dataclasses.replace(config, **recipe)
+    sources.update(dict.fromkeys(recipe, f"{RECIPE} ({benchmark})"))
+    values = {name: value for name, (value, _) in budget.items()}
+    sources.update({name: flag for name, (_, flag) in budget.items()})
+    if "lr" in budget:
+        factor = values["lr"] / config.lr
+        for name in config.lr_scaled_fields:
+            value = getattr(config, name)
+            if value is not None:
+                values[name] = value * factor
+                sources[name] = f"{budget['lr'][1]} (scaled ×{factor:.6g} from {value:.6g})"
+    config = dataclasses.replace(config, **values)
+    sources.update(dict.fromkeys(chosen, SET))
+    return dataclasses.replace(config, **chosen), sources
 
 
 def as_dict(config) -> dict:

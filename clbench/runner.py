@@ -6,7 +6,9 @@ all written atomically, plus ``<out>/<run>/run.json`` holding the plan (with an 
 ``clbench run --resume <out>/<run>`` continues it from any working directory.
 
 Guarantees: every name and value (budget flags, ``--set`` options, each method's own checks
-against the run context) is validated for every job before any job trains; a run name that
+against the run context and its structural ``requires``) is validated for every job by
+``plan.prepare`` before any data loads, and the data-parallel batch check for every job once the
+data is listed, before any job trains; the runner re-derives nothing from the plan; a run name that
 already holds other settings is refused; a job whose loss or weights become non-finite stops
 and is recorded as ``diverged``; a resume over inconsistent files is refused.
 """
@@ -24,9 +26,9 @@ from pathlib import Path
 
 from clbench import hparams
 from clbench.errors import Diverged, UsageError
-from clbench.plan import (Job, RunPlan, check_run_dir, ensure_writable, prepare,
-                          resolve_device)
-from clbench.plan import load_plan, method_config  # noqa: F401  (re-exported for callers)
+from clbench.plan import Job, Prepared, RunPlan, check_writable, prepare
+from clbench.plan import load_plan, method_config, resolve_device  # noqa: F401  (used by perf)
+from clbench.requirements import check_shards, task_sizes
 from clbench.results import clean_temporary_files, load_checkpoint, save_checkpoint, write_json
 from clbench.schema import RunResult
 
@@ -59,27 +61,29 @@ def environment() -> dict:
 
 
 def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = False) -> list[Path]:
-    """Run every job of the plan (skipping finished ones); returns the results files.
-    ``record_plan=False`` leaves ``run.json`` alone: sweep jobs share one folder and the sweep
-    records its grid in ``sweep.json`` instead."""
+    """Prepare the plan and execute it. ``record_plan=False`` leaves ``run.json`` alone: sweep
+    jobs share one folder and the sweep records its grid in ``sweep.json`` instead."""
+    return execute(prepare(plan, resuming=resuming, record_plan=record_plan), log)
+
+
+def execute(prepared: Prepared, log=print) -> list[Path]:
+    """Run every job of a prepared plan (skipping finished ones); returns the results files."""
+    import torch
+
     from clbench import distributed, precision
 
-    requested = resolve_device(plan.device)
-    plan.precision = plan.precision or precision.default_for(requested)  # stored
-    if record_plan:
-        check_run_dir(plan, resuming)
-    benchmark, n_tasks, jobs = prepare(plan)
-    ensure_writable(Path(plan.run_dir))
+    check_writable(prepared)
+    requested = torch.device(prepared.device)
     distributed.init_from_env(requested)
     device = distributed.local_device(requested)
-    precision.configure(jobs[0].context.precision)
+    precision.configure(prepared.precision)
     main = distributed.is_main()
     log = log if main else (lambda *a, **k: None)
 
     from clbench.backbones import input_size, load_backbone, spec_for
 
-    backbone = plan.backbone or benchmark.default_backbone
-    split = benchmark.load(input_size(spec_for(backbone)))  # missing data fails before weights load
+    benchmark, plan = prepared.benchmark, prepared.plan
+    split = benchmark.load(input_size(spec_for(prepared.backbone)))  # data fails before weights
     if plan.decoded_cache:  # built by the main process; the others wait, then read it
         from clbench import decoded_cache
 
@@ -88,14 +92,18 @@ def run(plan: RunPlan, log=print, record_plan: bool = True, resuming: bool = Fal
         split = decoded_cache.attach(split, benchmark.root / ".decoded", distributed.all_cores(), log)
         if main:
             distributed.barrier()
-    loaded = load_backbone(backbone, plan.checkpoint)
-    if main and record_plan:  # only a plan that validated and loaded replaces the stored one
-        write_json(Path(plan.run_dir) / "run.json", dataclasses.asdict(plan))
+    for job in prepared.jobs:  # the task sizes are known now: every job, before any trains
+        sizes = task_sizes(split.train.targets, benchmark.class_order(job.seed), prepared.n_tasks)
+        check_shards(sizes, job.config.batch_size, prepared.processes)
+    loaded = load_backbone(prepared.backbone, plan.checkpoint)
+    if main and prepared.record_plan:  # only a plan that validated and loaded replaces the stored one
+        write_json(prepared.run_dir / "run.json", dataclasses.asdict(plan))
+    workers = loader_workers(prepared.workers, device, split)
     log(f"{benchmark.name}: {split.identity.get('n_train')} train / {split.identity.get('n_test')} "
-        f"test images, {n_tasks} tasks; backbone {loaded.spec.name} ({loaded.spec.tag}); {device}, "
-        f"{jobs[0].context.precision}"
+        f"test images, {prepared.n_tasks} tasks; backbone {loaded.spec.name} ({loaded.spec.tag}); "
+        f"{device}, {prepared.precision}"
         + (f" × {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
-    return [run_job(job, benchmark, n_tasks, split, loaded, device, plan, log) for job in jobs]
+    return [run_job(job, prepared, split, loaded, device, workers, log) for job in prepared.jobs]
 
 
 def _read_results(path: Path) -> RunResult:
@@ -128,25 +136,6 @@ def _resume_point(strategy, job: Job, results_path: Path, checkpoint_path: Path)
     return start, results
 
 
-def check_shards(stream, batch_size: int) -> None:
-    """Data parallel: every process must get a share of every batch, the last one included."""
-    from clbench import distributed
-
-    size = distributed.world_size()
-    if size <= 1:
-        return
-    seen = 0
-    for task, experience in enumerate(stream.train):
-        n = len(experience.dataset)
-        seen += n
-        for count in {n, seen}:  # one task's data, or all seen so far (joint)
-            if 0 < count % batch_size < size:
-                raise UsageError(
-                    f"--ddp with {size} processes: {count} training images of task {task + 1} "
-                    f"leave a last batch of {count % batch_size} (< {size}) with --batch-size "
-                    f"{batch_size}; choose another --batch-size or --nproc")
-
-
 def loader_workers(requested: int | None, device, split) -> int:
     """``--workers``, or by default: for image pipelines (datasets with a ``transform``) on a GPU,
     every core this process may use (shared among the node's DDP processes), since a JPEG
@@ -162,7 +151,7 @@ def loader_workers(requested: int | None, device, split) -> int:
     return max(all_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
-def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, log) -> Path:
+def run_job(job: Job, prepared: Prepared, split, loaded, device, workers: int, log) -> Path:
     from clbench import distributed
     from clbench.progress import ProgressPlugin
     from clbench.streams import build_stream
@@ -177,12 +166,11 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
             log(f"{job.method} seed {job.seed}: already {previous.status}, skipped ({results_path})")
             return results_path
 
+    benchmark, n_tasks = prepared.benchmark, prepared.n_tasks
     class_order = benchmark.class_order(job.seed)
     stream = build_stream(split, class_order, n_tasks)
-    check_shards(stream, job.config.batch_size)
     seed_everything(job.seed)
     model = CLModel(copy.deepcopy(loaded.model), loaded.feature_dim, loaded.spec.mean, loaded.spec.std)
-    workers = loader_workers(plan.workers, device, split)
     strategy = job.strategy_cls(model=model, config=job.config, context=job.context, device=device,
                                 plugins=[ProgressPlugin()], num_workers=workers, seed=job.seed)
     config = {
@@ -208,7 +196,7 @@ def run_job(job: Job, benchmark, n_tasks, split, loaded, device, plan: RunPlan, 
     from clbench.metrics import pooled_accuracy, summarize
     from clbench.tracking import NoTracking, start_tracking
 
-    tracker = start_tracking(plan, job, config) if main else NoTracking()
+    tracker = start_tracking(prepared.plan, job, config) if main else NoTracking()
 
     for task in range(start, n_tasks):
         seed_everything(job.seed * 1000 + task)

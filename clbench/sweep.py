@@ -30,9 +30,6 @@ from clbench.errors import UsageError
 from clbench.schema import RunResult
 from clbench.results import read_json, write_json
 
-# RunPlan fields that change what a job computes: a re-run sweep must use the same values.
-RESULT_SETTINGS = ("backbone", "checkpoint", "epochs", "lr", "batch_size", "overrides", "plugins",
-                   "precision")
 POLL_SECONDS = 1.0
 
 
@@ -45,7 +42,8 @@ class Cell:
     n_tasks: int
     seed: int
     out_dir: Path
-    plan: object  # RunPlan restricted to this method and seed
+    plan: object      # RunPlan restricted to this method and seed (and the --set items it uses)
+    settings: dict    # the grid's settings that change numbers (recorded in sweep.json)
 
     @property
     def results_path(self) -> Path:
@@ -74,45 +72,28 @@ def run_cell(plan, threads: int | None = None) -> str:
     return str(run(plan, record_plan=False)[0])
 
 
-def _absolute(path: str | None) -> str | None:
-    return str(Path(path).expanduser().resolve()) if path else None
-
-
-def _plugin_spec(spec: str) -> str:
-    """Plugin files become absolute paths (jobs may start elsewhere); module names stay."""
-    return _absolute(spec) if spec.endswith(".py") else spec
-
-
 def expand_grid(args, sweep_dir: Path) -> list[Cell]:
-    """Every cell of the grid, validated with the runner's own checks (names, task counts,
-    ``--set`` keys) before anything is submitted."""
-    from clbench.backbones import spec_for
-    from clbench.plan import RunPlan, prepare
+    """Every cell of the grid: ``run``'s plan builder and ``prepare`` for each benchmark × task
+    count (names, task counts, ``--set`` keys, structural requirements), before anything is
+    submitted; each cell's plan is that plan restricted to one method and seed."""
+    from clbench.hparams import matches, parse_override
+    from clbench.plan import plan_from_args, prepare
 
-    methods = [] if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",")
-                                                         if m.strip()]
-    if not methods and args.methods.strip() != "all":
+    if args.methods is None:
         raise UsageError("--methods: give comma-separated method names or 'all'")
-    base = RunPlan(
-        run_dir=str(sweep_dir), methods=methods, seeds=list(args.seeds or []),
-        backbone=args.backbone, checkpoint=_absolute(args.checkpoint), epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, overrides=list(args.overrides),
-        plugins=[_plugin_spec(p) for p in args.plugins], data_dir=_absolute(args.data_dir),
-        device=args.device, workers=args.workers, wandb=args.wandb,
-        precision=args.precision)
-    if base.checkpoint and not Path(base.checkpoint).is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
     cells = []
-    for bench in args.bench:
-        for n_tasks in (args.tasks or [None]):
-            plan = dataclasses.replace(base, benchmark=bench, n_tasks=n_tasks)
-            benchmark, resolved_tasks, jobs = prepare(plan)
-            spec_for(plan.backbone or benchmark.default_backbone)
-            for job in jobs:
-                cell_plan = dataclasses.replace(plan, n_tasks=resolved_tasks, methods=[job.method],
-                                                seeds=[job.seed])
-                cells.append(Cell(job.method, benchmark.name, resolved_tasks, job.seed,
-                                  job.out_dir, cell_plan))
+    for bench in args.benchmarks:
+        for n_tasks in (args.task_counts or [None]):
+            plan = plan_from_args(args, run_dir=str(sweep_dir), benchmark=bench, n_tasks=n_tasks)
+            prepared = prepare(plan, record_plan=False)
+            data = prepared.benchmark
+            for job in prepared.jobs:  # unresolved device and precision: the job's node decides
+                scopes = [(job.method, job.config), (data.name, data.config)]
+                overrides = [o for o in plan.overrides if matches(parse_override(o), scopes)]
+                cell_plan = dataclasses.replace(plan, n_tasks=prepared.n_tasks, methods=[job.method],
+                                                seeds=[job.seed], overrides=overrides)
+                cells.append(Cell(job.method, data.name, prepared.n_tasks, job.seed, job.out_dir,
+                                  cell_plan, plan.settings(grid=False)))
     return cells
 
 
@@ -120,11 +101,11 @@ def record_sweep(sweep_dir: Path, args, cells: list[Cell], submitted: dict[str, 
     """Write ``sweep.json`` (settings, grid, the submitit job id of each cell); refuse a re-run
     whose settings differ. Returns the jobs recorded before this call, by cell key."""
     path = sweep_dir / "sweep.json"
-    settings = {k: getattr(cells[0].plan, k) for k in RESULT_SETTINGS}
+    settings = cells[0].settings
     listed = {}
     if path.exists():
         previous = read_json(path)
-        changed = [k for k in RESULT_SETTINGS if previous["settings"].get(k) != settings[k]]
+        changed = [k for k in settings if previous["settings"].get(k) != settings[k]]
         if changed:
             detail = ", ".join(f"{k}: {previous['settings'].get(k)!r} → {settings[k]!r}" for k in changed)
             raise UsageError(f"{sweep_dir} holds a sweep with other settings ({detail}); "
@@ -303,8 +284,10 @@ def print_status(cells: list[Cell], jobs: dict, launcher: str, stream=sys.stdout
 
 
 def run_sweep(args) -> int:
-    name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = (Path(args.out) / name).resolve()
+    from clbench.plan import run_folder
+
+    sweep_dir = Path(run_folder(args.out, args.name, "sweep"))
+    name = sweep_dir.name
     if args.launcher == "slurm" and shutil.which("sbatch") is None:
         raise UsageError("--launcher slurm: no `sbatch` on this machine; run on a SLURM login node "
                          "or use --launcher local")

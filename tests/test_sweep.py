@@ -170,7 +170,7 @@ def test_slurm_array_script_requests_the_resources(tmp_path, tiny_checkpoint, cl
     (["--methods", "linear-probe", "--bench", "digits,nobench"], "unknown benchmark 'nobench'"),
     (["--methods", "linear-probe", "--set", "linear-probe.nokey=1"], "nokey"),
     (["--methods", "linear-probe", "--backbone", "vit-nonsense"], "unknown backbone"),
-    (["--methods", "linear-probe", "--checkpoint", "missing.safetensors"], "no such file"),
+    (["--methods", "linear-probe", "--checkpoint", "missing.safetensors"], "not found"),
 ])
 def test_bad_grid_is_one_line_and_submits_nothing(tmp_path, cli, extra, message):
     code, out, err = cli("sweep", *extra, "--out", tmp_path, "--name", "bad")
