@@ -128,7 +128,7 @@ def resolve_config(strategy_cls, benchmark: str, n_tasks: int, budget: dict, ove
     sources = dict.fromkeys((f.name for f in dataclasses.fields(config)), PAPER)
     chosen = resolve_overrides(config, overrides, strategy_cls.registered_name)
     # A method whose per-benchmark defaults depend on a chosen variant names it in variant_keys.
-    variant = {k: chosen[k] for k in getattr(strategy_cls, "variant_keys", ()) if k in chosen}
+    variant = {k: chosen[k] for k in strategy_cls.variant_keys if k in chosen}
     recipe = strategy_cls.defaults_for(benchmark, n_tasks, **variant)
     config = dataclasses.replace(config, **recipe)
     sources.update(dict.fromkeys(recipe, f"{RECIPE} ({benchmark})"))

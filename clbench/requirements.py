@@ -26,7 +26,7 @@ def meta_backbone(spec):
 def check_requirements(method: str, strategy_cls, config, context, backbone, spec) -> None:
     """Every ``requires`` entry of the method, as a one-line ``UsageError`` naming the pair."""
     name = spec.name if spec.name == spec.tag else f"{spec.name} ({spec.tag})"
-    for requirement in getattr(strategy_cls, "requires", ()):  # transition: base default ()
+    for requirement in strategy_cls.requires:
         problem = requirement(backbone, config, context)
         if problem:
             raise UsageError(f"{method} cannot run on backbone {name}: {problem}; choose another "

@@ -178,7 +178,7 @@ def run_job(job: Job, prepared: Prepared, split, loaded, device, workers: int, l
         "hparams": hparams.as_dict(job.config), "benchmark_config": hparams.as_dict(benchmark.config),
         "backbone": loaded.describe(), "class_order": class_order, "split": split.identity,
         "device": str(device), "precision": job.context.precision, "workers": workers,
-        "reference": getattr(job.strategy_cls, "reference", None), **environment(),
+        "reference": job.strategy_cls.reference, **environment(),
     }
     checkpoint_path = job.out_dir / "checkpoint.pt"
     start, results = _resume_point(strategy, job, results_path, checkpoint_path)
@@ -222,7 +222,7 @@ def run_job(job: Job, prepared: Prepared, split, loaded, device, workers: int, l
         if strategy.first_step_at is not None:  # the task took gradient steps
             seconds["to_first_step"] = strategy.first_step_at - began
         results.seconds_per_task.append(seconds)
-        results.method_info.append(strategy.task_info() if hasattr(strategy, "task_info") else {})
+        results.method_info.append(strategy.task_info())
         results.metrics = summarize(results.correct, results.total)
         if task == n_tasks - 1:
             results.gflops_per_image = strategy.count_gflops(stream.test[0])

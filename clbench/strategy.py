@@ -63,6 +63,11 @@ class CLStrategy(SupervisedTemplate):
     Config = TrainConfig
     forward_passes_per_image = 1
     optimizer_name = "sgd"  # "sgd" (momentum 0.9) or "adam"; methods pick per their code
+    # Structural needs, checked by ``plan.prepare()`` on a meta-device backbone before any job
+    # trains: callables ``(backbone, config, context) -> problem | None`` (clbench.requirements).
+    requires: tuple = ()
+    variant_keys: tuple[str, ...] = ()  # config fields that select another per-benchmark recipe
+    reference: str | None = None  # e.g. "upper-bound": reported, never ranked against methods
 
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
@@ -133,6 +138,11 @@ class CLStrategy(SupervisedTemplate):
 
     def extra_loss(self) -> torch.Tensor | float:
         return 0.0
+
+    def task_info(self) -> dict:
+        """Facts about the task just learnt, recorded in ``results.json`` (``method_info``).
+        Called once after each evaluation; must not change state."""
+        return {}
 
     def clip_gradients(self) -> None:
         """Clip the gradients in place before every optimiser step (called after they are summed

@@ -225,6 +225,10 @@ def test_statistics_old_prompts_and_replay_over_two_tasks(monkeypatch):
     info = s.task_info()
     assert info["stored_statistic_floats"] == 2 * 4 * (1 + 24 + 24 * 24)
     assert info["trainable_params_this_task"] == s.trainable_parameter_count()
+    correct, total = s.evaluate_counts(stream.test[:2])
+    info = s.task_info()
+    assert info == s.task_info()  # reading it changes nothing
+    assert sum(total) > 0 and info["task_identity_accuracy"] is not None
 
 
 def test_the_two_official_stages_are_clipped_each_on_its_own(monkeypatch):

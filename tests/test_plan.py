@@ -236,3 +236,13 @@ def test_ddp_batch_check_covers_every_job_before_the_first_trains(tmp_path):
         runner.execute(prepared, log=lambda *_: None)
     assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("config.json"))
     json.dumps(dataclasses.asdict(prepared.plan))  # the plan stays plain data
+
+
+@pytest.mark.parametrize("method, backbone, problem", [
+    ("l2p", "vit_base_patch16_rpn_224", "prefix tuning supports timm Block/Attention, block 0 is ResPostBlock"),
+    ("hide-prompt", "vit_base_patch16_rpn_224", "prefix tuning supports timm Block/Attention, block 0 is ResPostBlock"),
+    ("sdlora", "vit_small_patch16_18x2_224", "block 0 has no fused attn.qkv Linear"),
+    ("inflora", "vit_small_patch16_18x2_224", "block 0 has no fused attn.qkv Linear")])
+def test_methods_refuse_a_backbone_they_cannot_change(method, backbone, problem, tmp_path):
+    with pytest.raises(UsageError, match=f"{method} cannot run on backbone {backbone}: {problem}"):
+        prepare(_plan(tmp_path, "--methods", f"linear-probe,{method}", "--backbone", backbone))

@@ -78,6 +78,7 @@ class PromptStrategy(CLStrategy):
     Config = PromptConfig
     forward_passes_per_image = 2  # the frozen query pass + the prompted pass
     optimizer_name = "adam"
+    requires = (injection.promptable,)
 
     def query(self) -> torch.Tensor:
         """q(x) for the current mini-batch, from the cache when enabled and training."""

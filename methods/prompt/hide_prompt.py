@@ -204,6 +204,11 @@ class HiDePrompt(PromptStrategy):
         return self.clock.train_exp_epochs < self.config.tii_epochs
 
     # ------------------------------------------------------------------ forward and loss
+    def evaluate_counts(self, experiences):
+        """Task-identity hits are counted per evaluation (``task_info`` only reads them)."""
+        self._task_hits.zero_()
+        return super().evaluate_counts(experiences)
+
     def forward(self):
         query = self.query()
         if self.is_training:
@@ -275,7 +280,6 @@ class HiDePrompt(PromptStrategy):
     def task_info(self) -> dict:
         model, dim = self.model, self.model.prompt.shape[-1]
         hits, total = self._task_hits.tolist()
-        self._task_hits.zero_()
         n = self.uninstructed.n_classes
         return {"prompt_blocks": list(self.prompt_blocks),
                 "requested_prompt_blocks": list(self.config.prompt_blocks),

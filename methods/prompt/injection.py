@@ -40,11 +40,21 @@ def check_promptable(vit, prefix_blocks=()) -> None:
         raise TypeError(f"prompting needs a timm VisionTransformer, got {type(vit).__name__}")
     for i in prefix_blocks:
         block = vit.blocks[i]
-        if type(block) is not Block or type(block.attn) is not Attention:
+        attn = getattr(block, "attn", None)
+        if type(block) is not Block or type(attn) is not Attention:
             raise TypeError(f"prefix tuning supports timm Block/Attention, block {i} is "
-                            f"{type(block).__name__}/{type(block.attn).__name__}")
-        if getattr(block.attn, "gate", None) is not None:
+                            f"{type(block).__name__}/{type(attn).__name__}")
+        if getattr(attn, "gate", None) is not None:
             raise TypeError("prefix tuning does not support gated attention")
+
+
+def promptable(backbone, config, context) -> str | None:
+    """``requires`` entry of the prompt methods: a timm ViT whose blocks all take prefixes."""
+    try:
+        check_promptable(backbone, range(len(getattr(backbone, "blocks", ()))))
+    except TypeError as exc:
+        return str(exc)
+    return None
 
 
 def prompt_blocks(requested, default, depth: int, who: str) -> list[int]:

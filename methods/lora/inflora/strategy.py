@@ -29,6 +29,7 @@ from clbench.hparams import TrainConfig
 from clbench.methods.lora.inflora.adapter import InfLoRAAdapter
 from clbench.methods.lora.subspace import LayerMemory, SecondMoments, design_down, threshold
 from clbench.registry import register_method
+from clbench.requirements import fused_qkv
 from clbench.schedules import cosine_per_epoch
 from clbench.strategy import CLStrategy
 
@@ -93,6 +94,7 @@ class InfLoRAConfig(TrainConfig):
 class InfLoRA(CLStrategy):
     Config = InfLoRAConfig
     forward_passes_per_image = 1
+    requires = (fused_qkv,)
 
     @classmethod
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:

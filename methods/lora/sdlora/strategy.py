@@ -25,6 +25,7 @@ from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
 from clbench.methods.lora.sdlora.adapter import DecoupledLoRA
 from clbench.registry import register_method
+from clbench.requirements import fused_qkv
 from clbench.strategy import CLStrategy
 
 MODES = ("official", "paper")
@@ -97,6 +98,7 @@ class SDLoRAKDConfig(SDLoRAConfig):
 class SDLoRA(CLStrategy):
     Config = SDLoRAConfig
     forward_passes_per_image = 1
+    requires = (fused_qkv,)
     variant_keys = ("mode",)  # per-benchmark defaults depend on the chosen mode
 
     @classmethod
