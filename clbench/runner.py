@@ -27,7 +27,6 @@ from pathlib import Path
 from clbench import hparams
 from clbench.errors import Diverged, UsageError
 from clbench.plan import Job, Prepared, RunPlan, check_writable, prepare
-from clbench.plan import load_plan, method_config, resolve_device  # noqa: F401  (used by perf)
 from clbench.requirements import check_shards, task_sizes
 from clbench.results import clean_temporary_files, load_checkpoint, save_checkpoint, write_json
 from clbench.schema import RunResult

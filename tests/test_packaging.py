@@ -30,3 +30,44 @@ def test_one_checkout_imports_its_own_methods():
     result = _import(ROOT, "clbench.methods")
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).resolve() == ROOT / "methods" / "__init__.py"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every clbench module a file imports, at any level (lazy imports count too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clbench"):
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("clbench")}
+    return found
+
+
+def _unit(module: str) -> str:
+    """Subpackages count as one unit (clbench.perf.e2e → clbench.perf)."""
+    parts = module.split(".")
+    grouped = ("perf", "report", "methods", "benchmarks")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1] in grouped else module
+
+
+def test_no_import_cycle_between_modules_or_subpackages():
+    graph: dict[str, set[str]] = {}
+    modules = {}
+    for folder, package in (("clbench", "clbench"), ("methods", "clbench.methods"),
+                            ("benchmarks", "clbench.benchmarks")):
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts
+                     if p != "__init__"]
+            modules[".".join([package, *parts])] = path
+    for module, path in modules.items():
+        targets = {_unit(m) for m in _imports(path) if m in modules} - {_unit(module)}
+        graph.setdefault(_unit(module), set()).update(targets)
+
+    def reaches(start, goal, seen):
+        return any(t == goal or (t not in seen and (seen.add(t) or reaches(t, goal, seen)))
+                   for t in graph.get(start, ()))
+
+    cycles = sorted(f"{a} ↔ {b}" for a in graph for b in graph[a] if reaches(b, a, set()))
+    assert not cycles, cycles

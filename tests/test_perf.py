@@ -190,14 +190,14 @@ def test_sdlora_scaling_falls_back_to_the_strategy(monkeypatch):
 
 
 def test_e2e_writes_a_loadable_random_init_checkpoint_for_vit_b16(tmp_path, monkeypatch):
-    """The ViT-B/16 path of ``backbone_args`` (GPU runs only) on a tiny stand-in model."""
+    """The ViT-B/16 path of ``run_backbone`` (GPU runs only) on a tiny stand-in model."""
     import safetensors.torch
 
     from clbench.perf import e2e
     from helpers import tiny_vit
 
     monkeypatch.setattr(e2e, "make_backbone", lambda shapes, num_classes: (tiny_vit(), None, None))
-    flags = e2e.backbone_args("vit-b16", tmp_path)
-    assert flags[:3] == ["--backbone", "vit-b16-in21k-ft-in1k", "--checkpoint"]
-    saved = safetensors.torch.load_file(flags[3])
+    backbone, checkpoint = e2e.run_backbone("vit-b16", tmp_path)
+    assert backbone == "vit-b16-in21k-ft-in1k"
+    saved = safetensors.torch.load_file(checkpoint)
     assert set(saved) == set(tiny_vit().state_dict())

@@ -21,6 +21,7 @@ from clbench.errors import UsageError
 from clbench.hparams import parse_override
 from clbench.methods.lora.sdlora.adapter import DecoupledLoRA, least_squares_fit
 from clbench.model import CLModel
+from clbench.plan import RunPlan, method_config
 from clbench.registry import METHODS
 
 SDLoRA, SDLoRARR, SDLoRAKD = (METHODS.get(n) for n in ("sdlora", "sdlora-rr", "sdlora-kd"))
@@ -237,8 +238,8 @@ def test_magnitudes_reset_in_official_mode_carried_in_paper_mode():
 
 
 def test_mode_selects_optimizer_and_per_benchmark_defaults():
-    plan = runner.RunPlan(run_dir="unused")
-    cfg = lambda bench, *o: runner.method_config(SDLoRA, bench, 10, plan, [parse_override(x) for x in o])  # noqa: E731
+    plan = RunPlan(run_dir="unused")
+    cfg = lambda bench, *o: method_config(SDLoRA, bench, 10, plan, [parse_override(x) for x in o])  # noqa: E731
     official = cfg("imagenet-r")
     assert (official.mode, official.lr, official.epochs, official.batch_size, official.init_magnitude) == \
         ("official", 0.01, 20, 128, 0.8)
@@ -469,7 +470,7 @@ def _results(run_dir, method):
 @pytest.mark.slow
 def test_resume_mid_run_gives_identical_results(tmp_path, monkeypatch, tiny_checkpoint):
     overrides = ["sdlora-rr.rank_milestones=[1,2]", "sdlora-rr.ranks=[4,3,2]"]
-    plan = lambda name: runner.RunPlan(run_dir=str(tmp_path / name), methods=["sdlora-rr"],  # noqa: E731
+    plan = lambda name: RunPlan(run_dir=str(tmp_path / name), methods=["sdlora-rr"],  # noqa: E731
                                        checkpoint=str(tiny_checkpoint), epochs=1, overrides=overrides)
     runner.run(plan("full"), log=lambda *_: None)
     real = runner.save_checkpoint
@@ -501,7 +502,7 @@ def test_sdlora_trains_and_forgets_less_than_finetune_on_digits(tmp_path):
     """End to end on digits (2 epochs, seed 1993). Beating finetune alone would also hold for a
     LoRA that never trains (a frozen backbone forgets less), so: SD-LoRA must beat the frozen
     linear probe too, and its checkpoint must hold trained pairs and moved magnitudes."""
-    plan = runner.RunPlan(run_dir=str(tmp_path / "r"), methods=["sdlora", "finetune", "linear-probe"],
+    plan = RunPlan(run_dir=str(tmp_path / "r"), methods=["sdlora", "finetune", "linear-probe"],
                           epochs=2)
     runner.run(plan, log=lambda *_: None)
     sdlora, finetune, probe = (_results(tmp_path / "r", m) for m in ("sdlora", "finetune", "linear-probe"))

@@ -27,7 +27,7 @@ def run_perf(args) -> int:
     from clbench.errors import UsageError
     from clbench.perf.options import complete
     from clbench.perf.timing import default_precisions
-    from clbench.runner import resolve_device
+    from clbench.plan import resolve_device
 
     args = complete(args)
     if args.repeats < 1:

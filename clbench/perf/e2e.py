@@ -3,8 +3,7 @@ on a synthetic JPEG tree, next to the model-only and loader-only images/s measur
 process, as ratios, plus the official schedule's run time extrapolated from the measured rates.
 
 Per precision: the plain ViT's train-step / eval-forward images/s (``model_only``), then
-``clbench.cli.main(["run", ..., "--precision", p])`` (the flag is passed when the CLI has it);
-the run's ``seconds_per_task`` and evaluated counts give its train and eval images/s. The loader
+the same plan ``clbench run ... --precision p`` builds, executed by ``clbench.runner.run``; the run's ``seconds_per_task`` and evaluated counts give its train and eval images/s. The loader
 (``ImageFiles`` + official transforms, all cores as workers) is measured once. Rates of task 1
 include start-up (kernel selection, first worker start), so the steady rates use tasks 2+. The
 training rate counts from each task's first step (``to_first_step`` in ``seconds_per_task``), as
@@ -12,7 +11,6 @@ the loader's from its first batch; the time before it is added once per task to 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -28,21 +26,11 @@ OFFICIAL = {"tasks": 10, "epochs": 20, "train_per_task": 2400, "test_per_task": 
 TARGETS = {"train": 0.85, "eval": 0.80}  # of min(model, loader), issue 13
 
 
-def run_accepts(flag: str) -> bool:
-    """Whether ``clbench run`` has ``flag`` (``--precision`` arrives with the core's change)."""
-    from clbench.cli import build_parser
-
-    for action in build_parser()._subparsers._group_actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return flag in action.choices["run"]._option_string_actions
-    return False
-
-
-def backbone_args(shapes_name: str, root: Path) -> list[str]:
-    """``--backbone``/``--checkpoint`` for the run: the shipped tiny ViT, or a random-init
-    ViT-B/16 written as a safetensors checkpoint (the weights do not change the speed)."""
+def run_backbone(shapes_name: str, root: Path) -> tuple[str, str | None]:
+    """(backbone, checkpoint) of the run: the shipped tiny ViT, or a random-init ViT-B/16
+    written as a safetensors checkpoint (the weights do not change the speed)."""
     if shapes_name == "tiny":
-        return ["--backbone", "vit-tiny-letters"]
+        return "vit-tiny-letters", None
     path = root / "vit_b16_random_init.safetensors"
     if not path.is_file():
         from safetensors.torch import save_file
@@ -50,12 +38,12 @@ def backbone_args(shapes_name: str, root: Path) -> list[str]:
         model, _, _ = make_backbone(shapes_for("vit-b16", True, 1), num_classes=1000)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         del model
-    return ["--backbone", "vit-b16-in21k-ft-in1k", "--checkpoint", str(path)]
+    return "vit-b16-in21k-ft-in1k", str(path)
 
 
 def method_batches(method: str, tasks: int, epochs: int) -> tuple[int, int]:
     from clbench.registry import METHODS
-    from clbench.runner import RunPlan, method_config
+    from clbench.plan import RunPlan, method_config
 
     config = method_config(METHODS.get(method), "imagenet-r", tasks, RunPlan("", epochs=epochs), [])
     return config.batch_size, config.eval_batch_size
@@ -128,13 +116,14 @@ def measure_e2e(args, device, log) -> dict:
 
 def _measure(args, spec, root: Path, device, log) -> dict:
     from clbench.backbones import input_size, spec_for
-    from clbench.cli import main as cli_main
+    from clbench.plan import RunPlan
+    from clbench.runner import run as run_plan
 
     log(f"perf e2e: writing {spec.n_train + spec.n_test} JPEGs under {root} …")
     tree = jpeg_tree.generate(root, spec)
     shapes = shapes_for(args.shapes, True, 1)
-    backbone_flags = backbone_args(shapes.name, root)
-    size = input_size(spec_for(backbone_flags[1]))
+    backbone, checkpoint = run_backbone(shapes.name, root)
+    size = input_size(spec_for(backbone))
     batch, eval_batch = method_batches(args.e2e_method, args.e2e_tasks, args.e2e_epochs)
     workers = args.workers
     log(f"perf e2e: loader alone ({workers} workers) …")
@@ -144,12 +133,10 @@ def _measure(args, spec, root: Path, device, log) -> dict:
         loader, loader_jpeg = tree_loader_rates(root, size, batch, workers, device,
                                                 decoded_cache=root / ".decoded"), loader
     plain, _, _ = make_backbone(shapes)
-    has_flag = run_accepts("--precision")
     figures = {"tree": {**tree, "root": str(root)}, "method": args.e2e_method,
-               "tasks": args.e2e_tasks, "epochs": args.e2e_epochs, "backbone": backbone_flags[1],
+               "tasks": args.e2e_tasks, "epochs": args.e2e_epochs, "backbone": backbone,
                "shapes": shapes.name, "input_size": size, "batch": batch, "eval_batch": eval_batch,
                "workers": workers, "loader": loader, "loader_jpeg": loader_jpeg,
-               "precision_flag": has_flag,
                "decoded_cache": args.e2e_decoded_cache,
                "official": OFFICIAL, "precisions": {}}
     for p in args.precisions:
@@ -158,20 +145,22 @@ def _measure(args, spec, root: Path, device, log) -> dict:
                             eval_batch=eval_batch, n_classes=args.e2e_classes_per_task)
         name = f"e2e-{p}"
         shutil.rmtree(root / "runs" / name, ignore_errors=True)  # a finished run would be skipped
-        argv = ["run", "--plugin", "clbench.perf.synthetic_bench", "--bench", "imagenet-r-synthetic",
-                "--data-dir", str(root), "--tasks", str(args.e2e_tasks), "--methods", args.e2e_method,
-                "--seeds", str(args.e2e_seed), "--epochs", str(args.e2e_epochs),
-                "--workers", str(workers), "--device", device.type, "--out", str(root / "runs"),
-                "--name", name, "--no-report", *backbone_flags]
-        if has_flag:
-            argv += ["--precision", p]
-        if args.e2e_decoded_cache:
-            argv.append("--decoded-cache")
-        log(f"perf e2e [{p}]: clbench {' '.join(argv)}")
-        code = cli_main(argv)
+        plan = RunPlan(
+            run_dir=str(root / "runs" / name), benchmark="imagenet-r-synthetic",
+            n_tasks=args.e2e_tasks, methods=[args.e2e_method], seeds=[args.e2e_seed],
+            backbone=backbone, checkpoint=checkpoint,
+            epochs=args.e2e_epochs, plugins=["clbench.perf.synthetic_bench"], data_dir=str(root),
+            device=device.type, workers=workers, precision=p,
+            decoded_cache=args.e2e_decoded_cache)
+        log(f"perf e2e [{p}]: clbench run {plan}")
+        try:
+            run_plan(plan, log=log)
+            error = None
+        except Exception as exc:  # recorded beside the other precisions' figures
+            error = f"{type(exc).__name__}: {exc}"
         found = sorted((root / "runs" / name).rglob("results.json"))
-        if code != 0 or len(found) != 1:
-            figures["precisions"][p] = {"model": model, "error": f"clbench run exited {code} "
+        if error or len(found) != 1:
+            figures["precisions"][p] = {"model": model, "error": f"clbench run failed ({error}) "
                                         f"and wrote {len(found)} results.json"}
             continue
         path = found[0]
@@ -195,8 +184,6 @@ def print_e2e(e: dict, p=print) -> None:
     for ld in filter(None, (e.get("loader_jpeg"), e["loader"])):
         p(f"   loader alone ({ld['source']}): train {ld['train_images_per_s']:.0f} img/s, test "
           f"{ld['test_images_per_s']:.0f} img/s")
-    if not e["precision_flag"]:
-        p("   note: `clbench run` has no --precision flag here; every run used its default")
     for name, r in e["precisions"].items():
         m = r["model"]
         p(f"   [{name}] model alone: train {m['train_images_per_s']:.0f} img/s, eval "

@@ -101,7 +101,7 @@ def build_strategy(name: str, backbone, mean, std, shapes: Shapes, device, plugi
     the perf batch sizes, a run context like the runner's; a fresh copy of the backbone."""
     from clbench.context import RunContext
     from clbench.registry import METHODS
-    from clbench.runner import RunPlan, method_config
+    from clbench.plan import RunPlan, method_config
     from clbench.model import CLModel
 
     cls = METHODS.get(name)
