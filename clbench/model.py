@@ -69,6 +69,17 @@ class CLModel(nn.Module):
             x = self.pixel_values.index_select(0, x.flatten().int()).view(x.shape)
         return (x - self.mean) / self.std if self.normalize_input else x
 
+    def add_state(self, name: str, value: nn.Module | nn.Parameter) -> None:
+        """Register a method's own module or parameter (prompts, a task-identity head, shared
+        magnitudes): it moves with the model and is saved in every checkpoint under ``name``.
+        The one way a method adds state, so a reader of the method sees what is checkpointed."""
+        if name in ("backbone", "head") or hasattr(self, name):
+            raise ValueError(f"CLModel already has {name!r}: choose another name")
+        if isinstance(value, nn.Parameter):
+            self.register_parameter(name, value)
+        else:
+            self.register_module(name, value)
+
     def features(self, x):
         return self.backbone(self.normalize(x))
 

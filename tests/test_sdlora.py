@@ -31,7 +31,9 @@ from clbench.methods.lora.sdlora import rank_for_task  # noqa: E402  (after regi
 def lora_model(depth=2):
     model = CLModel(tiny_vit(depth=depth), DIM)
     model.backbone.requires_grad_(False)
-    return model, DecoupledLoRA(model)
+    lora = DecoupledLoRA(model)
+    model.add_state("sdlora_magnitudes", lora.magnitudes)  # as the strategy registers them
+    return model, lora
 
 
 def train_pair(lora, generator, scale=0.3):

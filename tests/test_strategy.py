@@ -67,3 +67,18 @@ def test_parameters_folded_away_after_a_task_are_still_counted_as_trained():
     head = sum(p.numel() for p in strategy.model.head.parameters())
     assert strategy.trainable_parameter_count() == head  # what is left now
     assert strategy.trained_parameter_count == head + strategy.delta.numel()  # what trained
+
+
+def test_method_state_is_added_explicitly_and_saved_with_the_model():
+    from torch import nn
+
+    from clbench.model import CLModel
+    from helpers import DIM
+
+    model = CLModel(tiny_vit(), DIM)
+    model.add_state("prompt", nn.Parameter(torch.ones(3)))
+    model.add_state("tii", nn.Linear(2, 2))
+    assert {"prompt", "tii.weight", "tii.bias"} <= set(model.state_dict())
+    for taken in ("head", "backbone", "prompt"):
+        with pytest.raises(ValueError, match="already has"):
+            model.add_state(taken, nn.Linear(1, 1))

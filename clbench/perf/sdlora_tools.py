@@ -31,6 +31,7 @@ class Net(nn.Module):
 def advance(model: Net, tasks: int, rank: int, classes_per_task: int):
     """SD-LoRA state at the start of task ``tasks`` (0-based): earlier pairs trained (random B)."""
     lora = adapter_class()(model)
+    model.add_module("sdlora_magnitudes", lora.magnitudes)  # moves with the model
     generator = torch.Generator().manual_seed(0)
     for task in range(tasks + 1):
         lora.begin_task(task, rank, "factor_product", reset_magnitudes=True, init=0.8)

@@ -139,8 +139,8 @@ class CodaPrompt(PromptStrategy):
         self.per_task = c.n_components // self.context.n_tasks
         self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks))
         check_promptable(vit, self.prompt_blocks)
-        model.prompt = CodaComponents(len(self.prompt_blocks), c.n_components, c.prompt_length,
-                                      vit.embed_dim)
+        model.add_state("prompt", CodaComponents(len(self.prompt_blocks), c.n_components,
+                                                 c.prompt_length, vit.embed_dim))
         self._ortho = 0.0
 
     def slots(self, task: int) -> tuple[int, int]:

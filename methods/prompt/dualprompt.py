@@ -102,8 +102,9 @@ class DualPrompt(PromptStrategy):
         c, vit = self.config, model.backbone
         self.g_blocks, self.e_blocks = self._blocks(c, len(vit.blocks))
         check_promptable(vit, self.g_blocks + self.e_blocks)
-        model.prompt = DualPromptParams(len(self.g_blocks), c.g_length, len(self.e_blocks),
-                                        self.context.n_tasks, c.e_length, vit.embed_dim)
+        model.add_state("prompt", DualPromptParams(len(self.g_blocks), c.g_length,
+                                                   len(self.e_blocks), self.context.n_tasks,
+                                                   c.e_length, vit.embed_dim))
         self._pull = 0.0
         self._test_choices = torch.zeros(len(self.e_blocks), self.context.n_tasks, dtype=torch.long)
 

@@ -121,9 +121,9 @@ class HiDePrompt(PromptStrategy):
         self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks))
         check_promptable(vit, self.prompt_blocks)
         dim, n_tasks = vit.embed_dim, self.context.n_tasks
-        model.prompt = nn.Parameter(
-            torch.empty(len(self.prompt_blocks), n_tasks, 2 * c.prompt_length, dim).uniform_(-1, 1))
-        model.tii = TaskIdentityHead(dim, c.tii_hidden_mult)
+        model.add_state("prompt", nn.Parameter(
+            torch.empty(len(self.prompt_blocks), n_tasks, 2 * c.prompt_length, dim).uniform_(-1, 1)))
+        model.add_state("tii", TaskIdentityHead(dim, c.tii_hidden_mult))
         self.uninstructed = ClassStatistics(dim)  # frozen query features, for TII
         self.instructed = ClassStatistics(dim)  # features prompted with their task's prompt, TAP
         self.class_task: list[int] = []

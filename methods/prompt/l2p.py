@@ -128,9 +128,9 @@ class L2P(PromptStrategy):
         self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks)) if c.insertion == "prefix" else []
         check_promptable(vit, self.prompt_blocks)
         n_pools = max(len(self.prompt_blocks), 1)
-        model.prompt = nn.ModuleList(
+        model.add_state("prompt", nn.ModuleList(
             PromptPool(c.pool_size, c.prompt_length, vit.embed_dim, tuple(c.init_range))
-            for _ in range(n_pools))
+            for _ in range(n_pools)))
         self._pull = 0.0
         self._prompt_counts = torch.zeros(c.pool_size, dtype=torch.long)
 

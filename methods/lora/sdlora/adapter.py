@@ -265,7 +265,6 @@ class DecoupledLoRA:
 
     def __init__(self, model: nn.Module, targets=("q", "v")):
         self.magnitudes = Magnitudes()
-        model.sdlora_magnitudes = self.magnitudes  # owned (and checkpointed) by the model
         self.adapters: list[SDLoRAQKV] = install_qkv_adapters(
             model.backbone, lambda i, qkv: SDLoRAQKV(qkv, self.magnitudes, targets))
 

@@ -130,6 +130,7 @@ class SDLoRA(CLStrategy):
     def prepare_model(self, model) -> None:
         model.backbone.requires_grad_(False)
         self.lora = DecoupledLoRA(model)
+        model.add_state("sdlora_magnitudes", self.lora.magnitudes)  # checkpointed with the model
         self._kd_info = {}
 
     def rank_for(self, task: int) -> int:
