@@ -48,12 +48,13 @@ class _SeenBatches(Sampler):
 
 
 class UnionLoader:
-    def __init__(self, stream, batch_size: int, num_workers: int, device: torch.device):
+    def __init__(self, stream, batch_size: int, num_workers: int, device: torch.device,
+                 generator=None):
         self.stream = stream
         datasets = [_Tagged(exp.dataset.eval(), i) for i, exp in enumerate(stream)]
         self.sampler = _SeenBatches([len(d) for d in datasets], batch_size)
         self.loader = Rebatched(ConcatDataset(datasets), self.sampler, num_workers,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", generator=generator)
 
     def upto(self, n_seen: int):
         """The loader, now covering experiences ``0 .. n_seen-1``."""

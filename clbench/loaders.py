@@ -101,7 +101,7 @@ class Rebatched:
     """An iterable of the batch sampler's batches (see the module docstring)."""
 
     def __init__(self, dataset, batch_sampler, num_workers: int, pin_memory: bool,
-                 continuous: bool = False, chunk: int | None = CHUNK):
+                 continuous: bool = False, chunk: int | None = CHUNK, generator=None):
         self.batch_sampler = batch_sampler
         self.continuous = continuous
         chunked = chunk is not None and num_workers > 0
@@ -110,7 +110,8 @@ class Rebatched:
         self.pin_chunks = pin_memory and chunked
         self.loader = DataLoader(dataset, batch_sampler=self.chunks, num_workers=num_workers,
                                  pin_memory=pin_memory and not chunked,
-                                 persistent_workers=num_workers > 0 and not continuous)
+                                 persistent_workers=num_workers > 0 and not continuous,
+                                 generator=generator)
         self._stream = None
 
     @property

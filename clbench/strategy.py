@@ -226,8 +226,11 @@ class CLStrategy(SupervisedTemplate):
             return self.dataloader
         if self._statistics_loader is None:
             experience = self.statistics_experience or self.experience
+            # Its own generator: each pass's DataLoader draws a seed from it, not from the run's
+            # random stream, which methods sample from after the statistics (InfLoRA-CA).
             self._statistics_loader = evaluation.UnionLoader(
-                [experience], self.eval_mb_size, self.num_workers, self.device).upto(1)
+                [experience], self.eval_mb_size, self.num_workers, self.device,
+                generator=torch.Generator().manual_seed(self.seed)).upto(1)
         return self._statistics_loader
 
     def criterion(self):

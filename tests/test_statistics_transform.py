@@ -219,3 +219,16 @@ def test_simplecil_final_accuracy_is_the_same_for_any_seed_on_augmented_jpegs(cl
     a, b = final("a", "--seeds", "1"), final("b", "--seeds", "2")
     assert a == b
     assert final("c", "--seeds", "1", "--decoded-cache", "--workers", "2") == a
+
+
+def test_the_statistics_pass_leaves_the_runs_random_stream_alone():
+    """Methods sample after their statistics (InfLoRA-CA's Gaussians): a statistics pass must
+    not draw from the global generator (a DataLoader iterator draws its base seed)."""
+    stream, *_ = augmented_stream()
+    strategy = build(SimpleCIL, tiny_vit(), n_tasks=2)
+    strategy.statistics_experience = stream.statistics[0]
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    for _ in range(2):
+        assert sum(len(batch[1]) for batch in strategy.statistics_loader()) == 12
+    assert torch.equal(torch.get_rng_state(), before)
