@@ -85,16 +85,23 @@ def official_eprompt(prompt, idx, length, task=0, momentum=0.0):
     return {layer: (batched[layer][:, 0], batched[layer][:, 1]) for layer in range(n)}
 
 
+def own_feature_rows(s, x):
+    """TII head rows = each image's own TII feature (centred), so the images of ``x`` get
+    several task identities: logits (h_i - m)·(h_j - m)."""
+    with torch.no_grad():
+        t = s.model.tii
+        f = s.model.backbone.forward_features(x)[:, 0]
+        h = t.norm(f + t.fc2(F.gelu(t.fc1(f))))
+        t.head.fc.weight.copy_(h - h.mean(0))
+        t.head.fc.bias.copy_(-(h.mean(0) * (h - h.mean(0))).sum(1))
+
+
 def test_inference_matches_the_official_uninstructed_then_prompted_passes():
     s = make()
     x = torch.rand(6, 3, 16, 16)
     y = torch.tensor([0, 1, 2, 3, 4, 5])
-    with torch.no_grad():  # class rows = each sample's own TII feature: several task identities
-        t = s.model.tii
-        f = s.model.backbone.forward_features(x)[:, 0]
-        h = t.norm(f + t.fc2(F.gelu(t.fc1(f))))
-        t.head.fc.weight.copy_(h - h.mean(0))  # logits (h_i - m)·(h_j - m)
-        t.head.fc.bias.copy_(-(h.mean(0) * (h - h.mean(0))).sum(1))
+    own_feature_rows(s, x)
+    with torch.no_grad():
         class_ids = reference_tii(s, x).argmax(dim=1)
         tasks = class_ids // 2  # target_task_map
         prompt = s.model.prompt[:, tasks]  # layers, B, 2L, D
@@ -158,12 +165,7 @@ def test_task_identity_comes_from_the_frozen_features_not_the_prompted_ones(monk
     prompted logits change. A task identity computed from a prompted pass would move."""
     s = make()
     x, y = torch.rand(6, 3, 16, 16), torch.arange(6)
-    with torch.no_grad():  # class rows = each image's own TII feature: several task identities
-        t = s.model.tii
-        f = s.model.backbone.forward_features(x)[:, 0]
-        h = t.norm(f + t.fc2(F.gelu(t.fc1(f))))
-        t.head.fc.weight.copy_(h - h.mean(0))  # logits (h_i - m)·(h_j - m)
-        t.head.fc.bias.copy_(-(h.mean(0) * (h - h.mean(0))).sum(1))
+    own_feature_rows(s, x)
     logits, tasks = _inference(s, x, y, monkeypatch)
     assert len(set(tasks.tolist())) > 1  # several task identities are exercised
     torch.testing.assert_close(tasks, reference_tii(s, x).argmax(1) // 2, rtol=0, atol=0)
