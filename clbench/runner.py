@@ -154,7 +154,7 @@ def run_job(job: Job, prepared: Prepared, split, loaded, device, workers: int, l
     from clbench import distributed
     from clbench.progress import ProgressPlugin
     from clbench.streams import build_stream
-    from clbench.strategy import CLModel
+    from clbench.model import CLModel
 
     results_path = job.out_dir / "results.json"
     if distributed.is_main():  # only the writer's half-written files; never another rank's
