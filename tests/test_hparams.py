@@ -49,8 +49,9 @@ def test_optional_fields_refuse_other_types(item, message):
         _set(item)
 
 
-class _Method:
+class _Method:  # the contract's part that resolve_config reads (CLStrategy's defaults)
     registered_name = "toy"
+    variant_keys = ()
 
     @dataclass
     class Config(TrainConfig):
