@@ -266,8 +266,10 @@ def job_state(cell: Cell, job, launcher: str) -> str:
     return "ended incomplete"
 
 
-def print_status(cells: list[Cell], jobs: dict, launcher: str, stream=sys.stdout) -> int:
-    """Per-job table; returns how many jobs are not complete."""
+def print_status(cells: list[Cell], jobs: dict, launcher: str, stream=None) -> int:
+    """Per-job table; returns how many jobs are not complete. ``stream``: ``sys.stdout`` as it is
+    at the call (a default bound at import would keep writing to a replaced stdout)."""
+    stream = stream or sys.stdout
     rows = [("method", "benchmark", "tasks", "seed", "state", "results (or log)")]
     unfinished = 0
     for index, cell in enumerate(cells):

@@ -420,3 +420,67 @@ def test_query_cache_computes_each_training_image_once_and_changes_nothing(monke
     assert results[False][0] == 3 * n and results[True][0] == n
     for key, value in results[False][1].items():
         torch.testing.assert_close(results[True][1][key], value, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ determinism on CPU
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten call below autograd (forward and backward), with its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _accumulating_index_puts(calls):
+    """index_put(accumulate=True) on float tensors: on a multi-threaded CPU its gradient sums are
+    float atomics in thread order (at::native index_put_kernel), so identical runs differ."""
+    found = []
+    for func, args, kwargs in calls:
+        if "index_put" in str(func):
+            accumulate = kwargs.get("accumulate", args[3] if len(args) > 3 else False)
+            if accumulate and args[0].is_floating_point():
+                found.append(str(func))
+    return found
+
+
+@pytest.mark.parametrize("cls,config", [
+    (L2P, dict(pool_size=6, prompt_length=2, top_k=3)),  # batch-wise vote: every index B times
+    (L2PPlusPlus, dict(pool_size=6, prompt_length=4, top_k=2, prompt_blocks=[0])),  # coda pull
+])
+def test_l2p_training_step_sums_repeated_indices_in_a_fixed_order(cls, config):
+    s = make_strategy(cls, tiny_vit(), **config)
+    s.model.head.grow(2)
+    x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 1] * 4)
+    s.model.train()
+    s.is_training, s.mbatch = True, [x, y, torch.zeros(8, dtype=torch.long)]
+    with _RecordOps() as ops:
+        s.mb_output = s.forward()
+        (s.criterion() + s.extra_loss()).backward()
+    assert s.model.prompt[0].prompts.grad is not None
+    assert _accumulating_index_puts(ops.calls) == []
+
+
+def test_batchwise_prompt_gradient_is_bit_identical_on_two_threads():
+    """What the structural test protects, measured: the shape of the digits job (batch 32, pool
+    10 × 5 × 96, top 5) gives a 76,800-element gradient, above the parallel-atomics threshold."""
+    from clbench.methods.prompt.l2p import take
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randn(10, 5, 96, generator=g).requires_grad_()
+        idx = torch.tensor([3, 1, 7, 0, 5]).expand(32, -1)  # a batch-wise vote
+        upstream = torch.randn(32, 5, 5, 96, generator=g)
+        grads = set()
+        for _ in range(30):
+            prompts.grad = None
+            take(prompts, idx).backward(upstream)
+            grads.add(prompts.grad.numpy().tobytes())
+        assert len(grads) == 1
+    finally:
+        torch.set_num_threads(before)

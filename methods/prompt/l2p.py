@@ -39,6 +39,16 @@ class PromptPool(nn.Module):
             return F.normalize(query.detach().float(), dim=1) @ F.normalize(self.keys.float(), dim=1).T
 
 
+def take(table: torch.Tensor, idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``table[idx]`` (dim 0) or ``table[:, idx]`` (dim 1) for an integer tensor ``idx``, through
+    ``index_select``: its gradient (``index_add_``) sums repeated indices in a fixed order. Advanced
+    indexing's gradient, ``index_put_(accumulate=True)``, adds them with float atomics from all
+    threads on a multi-threaded CPU once it has >= 32,768 elements, in whatever order the threads
+    run; a batch-wise vote repeats every prompt index B times, so two identical CPU runs ended with
+    different prompts (by up to 1e-4 on digits)."""
+    return table.index_select(dim, idx.reshape(-1)).unflatten(dim, tuple(idx.shape))
+
+
 def select_prompts(similarity: torch.Tensor, top_k: int, batchwise: bool) -> torch.Tensor:
     """(B, N) prompt indices: each sample's top-N by similarity, or with ``batchwise`` the N
     indices occurring most often among those, for every sample (ties -> lower index)."""
@@ -61,7 +71,7 @@ def pull_loss(similarity: torch.Tensor, idx: torch.Tensor, reduction: str) -> to
     if reduction == "l2p":
         return (1.0 - similarity.gather(1, idx)).sum(dim=1).mean()
     if reduction == "coda":
-        return (1.0 - similarity[:, idx]).sum()
+        return (1.0 - take(similarity, idx, dim=1)).sum()
     raise ValueError(f"pull reduction must be 'l2p' or 'coda', got {reduction!r}")
 
 
@@ -150,7 +160,7 @@ class L2P(PromptStrategy):
                 pull = pull + pull_loss(similarity, idx, c.pull_reduction)
                 # summed over prompted blocks when each has its own pool (Deep L2P++)
                 self._prompt_counts += torch.bincount(idx.flatten().cpu(), minlength=c.pool_size)
-            chosen = pool.prompts[idx]  # (B, N, L_p, D)
+            chosen = take(pool.prompts, idx)  # (B, N, L_p, D); see take()
             if c.insertion == "input":
                 input_prompts = chosen.flatten(1, 2)
             else:
