@@ -43,6 +43,7 @@ def _truncate_to_first_task(job_dir: Path) -> None:
     torch.save(ckpt, job_dir / "checkpoint.pt")
 
 
+@pytest.mark.slow  # 4 training jobs in worker processes (~35 s on 2 cores)
 def test_local_grid_runs_then_resumes_only_the_killed_job(tmp_path, monkeypatch, tiny_checkpoint, cli):
     monkeypatch.chdir(tmp_path)
     argv = ["sweep", "--methods", "linear-probe,finetune", "--tasks", "2", "--seeds", "1993,1994",
