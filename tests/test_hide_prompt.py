@@ -420,12 +420,8 @@ def test_official_layout_swaps_the_key_value_and_batch_axes_and_agrees_for_one_i
 
 def _with_tii_of_several_tasks(s, x):
     """Class rows = each sample's own TII feature, so the batch spans several task identities."""
+    own_feature_rows(s, x)
     with torch.no_grad():
-        t = s.model.tii
-        f = s.model.backbone.forward_features(x)[:, 0]
-        h = t.norm(f + t.fc2(F.gelu(t.fc1(f))))
-        t.head.fc.weight.copy_(h - h.mean(0))
-        t.head.fc.bias.copy_(-(h.mean(0) * (h - h.mean(0))).sum(1))
         return reference_tii(s, x).argmax(dim=1) // 2
 
 
