@@ -7,6 +7,7 @@ from helpers import build, tiny_vit
 from torch.nn import functional as F
 
 from clbench.adapters import merged
+from clbench.alignment import align_classifier
 from clbench.context import RunContext
 from clbench.errors import UsageError
 from clbench.methods.lora import subspace
@@ -297,10 +298,12 @@ def test_classifier_alignment_statistics_equal_a_direct_computation(stream):
     labels = torch.tensor([data[i][1] for i in range(len(data))])
     feats = features_of(s, images).double()
     for c in range(2):
-        torch.testing.assert_close(s.class_means[c], feats[labels == c].mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.gaussians.means[c], feats[labels == c].mean(0),
+                                   atol=1e-5, rtol=1e-5)
         expected_cov = torch.cov(feats[labels == c].T) + s.config.cov_ridge * torch.eye(DIM)  # unbiased
-        torch.testing.assert_close(s.class_covs[c], expected_cov.float(), atol=1e-5, rtol=1e-4)
-    assert s.class_task == [0, 0] and s.task_info()["aligned_classes"] == 0  # no CA after task 0
+        torch.testing.assert_close(s.gaussians.covs[c], expected_cov.float(), atol=1e-5, rtol=1e-4)
+    assert s.gaussians.class_task == [0, 0]
+    assert s.task_info()["aligned_classes"] == 0  # no CA after task 0
 
 
 def official_alignment(fc, means, covs, class_task, task, task_sizes, cfg):
@@ -354,10 +357,10 @@ def test_classifier_alignment_matches_the_official_stage(stream, monkeypatch, te
     with torch.no_grad():
         s.model.head.fc.weight.normal_(generator=g)
         s.model.head.fc.bias.normal_(generator=g)
-    s.class_means = 2 * torch.randn(6, DIM, dtype=torch.float64, generator=g)
+    s.gaussians.means = 2 * torch.randn(6, DIM, dtype=torch.float64, generator=g)
     a = torch.randn(6, DIM, DIM, generator=g)
-    s.class_covs = a @ a.transpose(1, 2) / DIM + 0.1 * torch.eye(DIM)
-    s.class_task = [0, 0, 1, 1, 2, 2]
+    s.gaussians.covs = a @ a.transpose(1, 2) / DIM + 0.1 * torch.eye(DIM)
+    s.gaussians.class_task = [0, 0, 1, 1, 2, 2]
     start_fc = {k: v.clone() for k, v in s.model.head.fc.state_dict().items()}
     backbone = {k: v.clone() for k, v in s.model.backbone.state_dict().items()}
     shapes, real_sample = [], MultivariateNormal.sample
@@ -365,12 +368,13 @@ def test_classifier_alignment_matches_the_official_stage(stream, monkeypatch, te
                         lambda self, sample_shape=torch.Size(): shapes.append(tuple(sample_shape))
                         or real_sample(self, sample_shape))
     torch.manual_seed(11)
-    s.align_classifier(task=2)
+    align_classifier(s.model.head, s.gaussians, 2, s.config, s.device)
     assert shapes == [(16,)] * 6 * 3
     reference = torch.nn.Linear(DIM, 6)
     reference.load_state_dict(start_fc)
     torch.manual_seed(11)
-    official_alignment(reference, s.class_means, s.class_covs, s.class_task, 2, [2, 2, 2], s.config)
+    g2 = s.gaussians
+    official_alignment(reference, g2.means, g2.covs, g2.class_task, 2, [2, 2, 2], s.config)
     torch.testing.assert_close(s.model.head.fc.weight, reference.weight, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(s.model.head.fc.bias, reference.bias, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(s.model.head.fc.weight, start_fc["weight"])
@@ -378,7 +382,7 @@ def test_classifier_alignment_matches_the_official_stage(stream, monkeypatch, te
     other = torch.nn.Linear(DIM, 6)  # the other normalisation setting lands elsewhere
     other.load_state_dict(start_fc)
     torch.manual_seed(11)
-    official_alignment(other, s.class_means, s.class_covs, s.class_task, 2, [2, 2, 2],
+    official_alignment(other, g2.means, g2.covs, g2.class_task, 2, [2, 2, 2],
                        s.Config(ca_samples=16, ca_epochs=3, ca_temperature=0.1 - temperature))
     assert not torch.allclose(other.weight, reference.weight, atol=1e-3)
 
@@ -387,12 +391,12 @@ def test_classifier_alignment_separates_replayed_classes(stream):
     s = make(stream, cls=InfLoRACA)
     s.task = 1
     s.model.head.grow(4)
-    s.class_means = 8 * torch.eye(4, DIM, dtype=torch.float64)
-    s.class_covs = 0.1 * torch.eye(DIM).repeat(4, 1, 1)
-    s.class_task = [0, 0, 1, 1]
-    s.align_classifier(task=1)
+    s.gaussians.means = 8 * torch.eye(4, DIM, dtype=torch.float64)
+    s.gaussians.covs = 0.1 * torch.eye(DIM).repeat(4, 1, 1)
+    s.gaussians.class_task = [0, 0, 1, 1]
+    align_classifier(s.model.head, s.gaussians, 1, s.config, s.device)
     with torch.no_grad():
-        predicted = s.model.head(s.class_means.float()).argmax(1)
+        predicted = s.model.head(s.gaussians.means.float()).argmax(1)
     assert predicted.tolist() == [0, 1, 2, 3]
 
 

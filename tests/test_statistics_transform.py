@@ -165,10 +165,10 @@ def test_inflora_ca_gaussians_are_test_transformed_class_statistics():
         strategy.model.eval()
         f, labels = direct(features_of, stream, task, x, y)
         for c in (2 * task, 2 * task + 1):
-            torch.testing.assert_close(strategy.class_means[c], f[labels == c].mean(0),
+            torch.testing.assert_close(strategy.gaussians.means[c], f[labels == c].mean(0),
                                        rtol=1e-5, atol=1e-5)
             cov = torch.cov(f[labels == c].T) + strategy.config.cov_ridge * torch.eye(f.shape[1])
-            torch.testing.assert_close(strategy.class_covs[c], cov.float(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(strategy.gaussians.covs[c], cov.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_hide_prompt_statistics_are_test_transformed_class_statistics():
