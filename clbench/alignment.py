@@ -79,11 +79,15 @@ class ClassGaussians:
         self.covs = torch.cat([self.covs, torch.stack(covs)])
         self.class_task += [task] * len(means)
 
+    def mean_scale(self, c: int, task: int) -> float:
+        """The factor on class ``c``'s mean at ``task``: SLCA shrinks older classes' means
+        towards 0.9 of their value (a subclass may sample other means, e.g. unshrunk)."""
+        return 0.9 + (self.class_task[c] + 1) / (task + 1) * 0.1
+
     def gaussian(self, c: int, task: int, device) -> MultivariateNormal:
-        """Class ``c``'s sampling distribution at ``task``: SLCA shrinks older classes' means
-        towards 0.9 of their value (in the official order of operations)."""
-        shrink = 0.9 + (self.class_task[c] + 1) / (task + 1) * 0.1
-        mean = (self.means[c] * shrink).float().to(device)
+        """Class ``c``'s sampling distribution at ``task`` (mean times ``mean_scale``, in the
+        official order of operations)."""
+        mean = (self.means[c] * self.mean_scale(c, task)).float().to(device)
         cov = self.covs[c].to(device)
         eye = torch.eye(cov.shape[0], device=device)
         for _ in range(60):  # the official jitter loop, bounded (it cannot fix a NaN matrix)
@@ -104,14 +108,16 @@ class ClassGaussians:
 
 
 def align_classifier(head: nn.Module, gaussians: ClassGaussians, task: int,
-                     options: AlignmentOptions, device) -> None:
+                     options: AlignmentOptions, device, t_max: int | None = None) -> None:
     """Retrain ``head`` (every parameter, nothing else) on features sampled from every seen
     class's Gaussian: per epoch ``ca_samples`` per class, one shuffle, batches of
-    ``ca_samples``; SGD (momentum 0.9) under CosineAnnealingLR over the alignment epochs."""
+    ``ca_samples``; SGD (momentum 0.9) under CosineAnnealingLR with ``T_max`` = the alignment
+    epochs (or ``t_max``, as TUNA's code fixes it)."""
     n_classes = len(gaussians)
     optimizer = torch.optim.SGD(head.parameters(), lr=options.ca_lr, momentum=0.9,
                                 weight_decay=options.ca_weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.ca_epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=options.ca_epochs if t_max is None else t_max)
     bounds = [gaussians.class_task.index(t) for t in range(task + 1)] + [n_classes]
     size = options.ca_samples
     for _ in range(options.ca_epochs):
