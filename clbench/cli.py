@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metrics", nargs="+", default=None)
     report.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     report.add_argument("--compare-paper", action="store_true",
-                        help="add the SD-LoRA paper's published numbers next to ours")
+                        help="add the published figures of the same protocol and split next to ours")
     return parser
 
 

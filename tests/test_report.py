@@ -50,7 +50,8 @@ def write_results(root: Path, method: str, seed: int, acc: list[list[float]], *,
                   params: list[int] | None = None, train_s: float = 10.0,
                   hparams: dict | None = None, status: str | None = None,
                   precision: str = "fp32", gflops: float | None = None,
-                  method_info: list[dict] | None = None, config_extra: dict | None = None) -> Path:
+                  method_info: list[dict] | None = None, config_extra: dict | None = None,
+                  classes_per_task: list[int] | None = None) -> Path:
     """Write ``<root>/<benchmark>-<n>tasks/<method>/seed-<k>/{config,results}.json``.
 
     ``acc[i][j]`` is the accuracy (%) on task j after task i; counts are built from it with
@@ -67,7 +68,7 @@ def write_results(root: Path, method: str, seed: int, acc: list[list[float]], *,
                                                          for c in range(2 * n_tasks)]
     data = {
         "method": method, "benchmark": benchmark, "seed": seed, "n_tasks": n_tasks,
-        "class_order": order, "classes_per_task": [2] * n_tasks,
+        "class_order": order, "classes_per_task": classes_per_task or [2] * n_tasks,
         "correct": correct, "total": total,
         "metrics": stored_metrics if stored_metrics is not None
         else (M.summarize(correct, total) if rows else {}),
@@ -408,23 +409,77 @@ def test_default_out_dir_and_name(tmp_path, monkeypatch):
 
 
 def test_paper_numbers_file():
-    paper = report.load_paper_numbers()["benchmarks"]
-    assert {(b, n) for b in paper for n in paper[b]} == {
-        ("imagenet-r", "5"), ("imagenet-r", "10"), ("imagenet-r", "20"), ("imagenet-a", "10"),
-        ("domainnet", "5"), ("cifar100", "10"), ("cub200", "10")}
-    assert paper["imagenet-r"]["10"]["sdlora"]["final_acc"] == {"mean": 77.34, "se": 0.35}
-    assert paper["imagenet-a"]["10"]["inflora"]["avg_inc_acc"] == {"mean": 60.92, "se": 0.61}
-    assert paper["cub200"]["10"]["sdlora-kd"]["final_acc"]["mean"] == 75.95
-    assert "hide-prompt" not in paper["cifar100"]["10"]  # not in Table 6
-    assert len(paper["domainnet"]["5"]) == 9
-    assert "Table 3" in paper["domainnet"]["5"]["finetune"]["source"]
+    from clbench.registry import METHODS
+
+    paper = report.load_paper_numbers()
+    sdlora = [e for e in paper if e.citation == "Wu et al., SD-LoRA, ICLR 2025"]
+    assert {(e.benchmark, e.tasks) for e in sdlora} == {
+        ("imagenet-r", 5), ("imagenet-r", 10), ("imagenet-r", 20), ("imagenet-a", 10),
+        ("domainnet", 5), ("cifar100", 10), ("cub200", 10)}
+
+    def one(method, benchmark, tasks):
+        [entry] = [e for e in sdlora if (e.method, e.benchmark, e.tasks) == (method, benchmark, tasks)]
+        return entry
+
+    assert one("sdlora", "imagenet-r", 10).metric("final_acc") == (77.34, 0.35)
+    assert one("inflora", "imagenet-a", 10).metric("avg_inc_acc") == (60.92, 0.61)
+    assert one("sdlora-kd", "cub200", 10).metric("final_acc")[0] == 75.95
+    assert "Table 3" in one("finetune", "domainnet", 5).source
+    assert not [e for e in sdlora if (e.method, e.benchmark) == ("hide-prompt", "cifar100")]
+    assert sum(e.benchmark == "domainnet" for e in sdlora) == 9
+    assert one("sdlora", "imagenet-r", 10).own_paper and not one("l2p", "imagenet-r", 10).own_paper
+    for e in paper:  # every figure names a registered method and a well-formed protocol
+        assert e.method in METHODS.names(), e
+        assert e.protocol.startswith("B") and "-Inc" in e.protocol, e
+        assert e.split in (None, "sdlora", "coda"), e
+        assert e.benchmark != "imagenet-r" or e.split is not None, e
+
+
+def _entry(method, split, protocol, table, own=False, mean=70.0):
+    from clbench.report.paper import Published
+
+    return Published(method=method, benchmark="imagenet-r", tasks=10, protocol=protocol,
+                     split=split, final_acc={"mean": mean, "se": None}, avg_inc_acc=None,
+                     citation="Someone et al.", table=table, statistic="one run",
+                     backbone="ViT-B/16", own_paper=own)
+
+
+def test_a_published_figure_stands_only_beside_runs_of_its_protocol_and_split():
+    """Split (ADAM/PILOT archive vs CODA's lists) and task protocol (B0-Inc20 vs a 5-class first
+    task) must both agree; the method's own paper wins over another paper's re-run."""
+    from clbench.report.paper import published_for, task_protocol
+
+    assert task_protocol([20] * 10) == "B0-Inc20" and task_protocol([5] + [5] * 39) == "B0-Inc5"
+    assert task_protocol([50] + [10] * 5) == "B50-Inc10"
+    entries = [_entry("m", "coda", "B0-Inc20", "T1"), _entry("m", "sdlora", "B5-Inc5", "T2"),
+               _entry("m", "sdlora", "B0-Inc20", "T3"), _entry("m", "sdlora", "B0-Inc20", "T4", own=True)]
+    pick = lambda protocol, sizes: published_for(entries, "m", "imagenet-r", 10, sizes, protocol)  # noqa: E731
+    assert pick("imagenet-r-sdlora-adam-presplit", [20] * 10).table == "T4"
+    assert pick("imagenet-r-coda-prompt-lists", [20] * 10).table == "T1"
+    assert pick("imagenet-r-coda-prompt-lists", [5] * 10) is None  # another task protocol
+    assert pick("my-own-split", [20] * 10) is None
+    assert published_for(entries, "other", "imagenet-r", 10, [20] * 10, "sdlora") is None
+    assert published_for(entries, "m", "imagenet-r", 20, [20] * 10, "sdlora") is None
+
+
+def test_compare_paper_leaves_a_run_on_the_other_split_without_a_figure(tmp_path):
+    root = tmp_path / "runs"
+    acc = [[90.0] * (i + 1) for i in range(10)]
+    write_results(root / "pilot", "sdlora", 0, acc, protocol="imagenet-r-sdlora-adam-presplit",
+                  classes_per_task=[20] * 10)
+    write_results(root / "coda", "sdlora", 0, acc, protocol="imagenet-r-coda-prompt-lists",
+                  split_hash="hash-b", classes_per_task=[20] * 10)
+    out = report.write_report([root], out_dir=tmp_path / "rep", compare_paper=True)
+    df = pd.read_csv(out / "summary.csv").set_index("split_protocol")
+    assert df.loc["imagenet-r-sdlora-adam-presplit", "paper_final_acc"] == 77.34
+    assert math.isnan(df.loc["imagenet-r-coda-prompt-lists", "paper_final_acc"])
 
 
 def test_compare_paper_adds_columns(tmp_path):
     root = tmp_path / "runs"
     acc5 = [[90.0] * (i + 1) for i in range(5)]  # final 90, AAA 90
-    write_results(root, "sdlora", 0, acc5)
-    write_results(root, "mine", 0, acc5)
+    write_results(root, "sdlora", 0, acc5, classes_per_task=[40] * 5)
+    write_results(root, "mine", 0, acc5, classes_per_task=[40] * 5)
     out = report.write_report([root], out_dir=tmp_path / "rep", compare_paper=True)
     df = pd.read_csv(out / "summary.csv").set_index("row")
     assert df.loc["sdlora", "paper_final_acc"] == 79.15
@@ -442,12 +497,13 @@ def test_every_table2_method_is_registered_and_compared(tmp_path):
     ImageNet-R 10-task report puts a published number beside each."""
     from clbench.registry import METHODS
 
-    paper = json.loads((Path(report.__file__).parents[1] / "paper_numbers.json").read_text())
-    table2 = sorted(paper["benchmarks"]["imagenet-r"]["10"])
+    table2 = sorted(e.method for e in report.load_paper_numbers()
+                    if e.table == "Table 2" and e.tasks == 10 and "SD-LoRA" in e.citation)
     assert len(table2) == 9 and set(table2) <= set(METHODS.names())
     root = tmp_path / "runs"
     for method in table2:
-        write_results(root, method, 0, [[80.0] * (i + 1) for i in range(10)])
+        write_results(root, method, 0, [[80.0] * (i + 1) for i in range(10)],
+                      classes_per_task=[20] * 10)
     out = report.write_report([root], out_dir=tmp_path / "rep", compare_paper=True)
     df = pd.read_csv(out / "summary.csv").set_index("row")
     assert df.loc[table2, "paper_final_acc"].notna().all()

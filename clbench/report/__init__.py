@@ -27,7 +27,8 @@ from pathlib import Path
 from clbench.errors import UsageError
 from clbench.report.groups import Group, Grouping, group_runs
 from clbench.report.runs import REFERENCE_METHODS, ReportWarning, Run, load_run, load_runs
-from clbench.report.tables import (COSTS, DEFAULT_METRICS, METRICS, load_paper_numbers,
+from clbench.report.paper import load_paper_numbers
+from clbench.report.tables import (COSTS, DEFAULT_METRICS, METRICS,
                                    method_info_frame, resolve_metrics, summary_frame)
 
 __all__ = ["write_report", "load_runs", "load_run", "group_runs", "summary_frame",
@@ -51,8 +52,8 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None, name: str | 
     ``metrics``: metric keys for the tables (default final_acc, avg_inc_acc, forgetting, bwt).
     ``wandb_mode``: ``disabled`` | ``offline`` | ``online``; when enabled, the summary table is
     logged as a ``wandb.Table`` and every figure as a ``wandb.Image`` (run directory:
-    ``$WANDB_DIR`` if set, else the report folder). ``compare_paper`` adds the published SD-LoRA
-    numbers (``clbench/paper_numbers.json``) and the difference to ours.
+    ``$WANDB_DIR`` if set, else the report folder). ``compare_paper`` adds the published figure of
+    the same protocol and split (``clbench/paper_numbers.json``) and the difference to ours.
     Raises :class:`clbench.errors.UsageError` for bad input or an output folder that cannot be
     written.
     """

@@ -115,9 +115,13 @@ def accuracy_note(gdf, paper: bool, style: Style) -> str:
                  "not tested with fewer than 2 shared seeds. ")
     text += _references_sentence(gdf)
     if paper:
-        text += (f"paper: published mean (standard error) over 5 runs with ViT-B/16 "
-                 f"IN21k{style.arrow}IN1k (Wu et al., SD-LoRA, ICLR 2025); {style.delta} = ours "
-                 f"{style.minus} paper (percentage points). ")
+        about = "; ".join(a for a in dict.fromkeys(gdf.get("paper_about", []))
+                          if isinstance(a, str) and a)
+        if style is TEX:
+            about = about.replace("%", r"\%").replace("&", r"\&").replace("_", r"\_")
+        text += ("paper: the published figure (its spread in parentheses) for the same "
+                 f"benchmark, task count, task protocol and split, from {about}; "
+                 f"{style.delta} = ours {style.minus} paper (percentage points). ")
     if style is TEX:
         text = text.replace("scipy.stats.ttest_rel", r"\texttt{scipy.stats.ttest\_rel}")
     return text.rstrip()

@@ -44,6 +44,7 @@ class Run:
     protocol: str
     split_hash: str
     class_order: tuple[int, ...]
+    classes_per_task: tuple[int, ...]
     status: str  # running | complete | diverged (clbench.schema)
     message: str  # why it diverged, if it did
     correct: list[list[int]]
@@ -181,6 +182,7 @@ def load_run(path: Path, display: str | None = None) -> Run:
         protocol=str(res.split.get("protocol", "unknown")),
         split_hash=str(res.split.get("hash", "unknown")),
         class_order=tuple(int(c) for c in res.class_order or ()),
+        classes_per_task=tuple(int(c) for c in res.classes_per_task or ()),
         status=status, message=str(res.message or ""),
         correct=correct, total=total, metrics=recomputed, curve=curve, acc=acc,
         task_forgetting=M.per_task_forgetting(acc) if acc else [],

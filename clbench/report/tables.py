@@ -7,17 +7,16 @@ methods have the same accuracy curve (drawn on top of each other, so the figure 
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from clbench.errors import UsageError
 from clbench.report.cells import ACC_DIGITS, GFLOPS, PARAMS, SECONDS
 from clbench.report.groups import Group, Grouping
+from clbench.report.paper import Published, published_for, sources_note
 
 # metric key -> (Markdown header, LaTeX header, higher is better)
 METRICS: dict[str, tuple[str, str, bool]] = {
@@ -63,8 +62,6 @@ COSTS: dict[str, Cost] = {
 PAPER_METRICS = {"final_acc": "Acc", "avg_inc_acc": "AAA"}
 SIGNIFICANCE_P = 0.05
 SIGNIFICANCE_TEST = "paired t-test over the seeds both methods share (scipy.stats.ttest_rel)"
-_BENCHMARK_ALIASES = {"cub": "cub200", "inr": "imagenet-r", "ina": "imagenet-a",
-                      "imr": "imagenet-r", "ima": "imagenet-a"}
 
 
 def resolve_metrics(metrics: Sequence[str] | None) -> list[str]:
@@ -101,24 +98,6 @@ def _paired_p(a: Sequence[float], b: Sequence[float]) -> float:
         return float(ttest_rel(a, b).pvalue)
 
 
-def load_paper_numbers() -> dict[str, Any]:
-    """Published SD-LoRA numbers: ``benchmarks[benchmark][str(n_tasks)][method]``."""
-    from importlib import resources
-
-    try:
-        text = resources.files("clbench").joinpath("paper_numbers.json").read_text()
-    except (OSError, ModuleNotFoundError):
-        text = (Path(__file__).parent.parent / "paper_numbers.json").read_text()
-    return json.loads(text)
-
-
-def _paper_benchmark(name: str, known: Iterable[str]) -> str | None:
-    flat = name.lower().replace("_", "-")
-    flat = _BENCHMARK_ALIASES.get(flat, flat)
-    squash = {k.replace("-", ""): k for k in known}
-    return squash.get(flat.replace("-", ""))
-
-
 def best_rows(values: Sequence[float], higher: bool,
               competing: Sequence[bool] | None = None) -> list[int]:
     """Indices of the competing rows that share the best value (callers pass values rounded as
@@ -139,7 +118,8 @@ def best_flags(values: Sequence[float], higher: bool,
     return [rows == [i] for i in range(len(values))]
 
 
-def summary_frame(grouping: Grouping, metrics: Sequence[str], paper: dict | None = None):
+def summary_frame(grouping: Grouping, metrics: Sequence[str],
+                  paper: Sequence[Published] | None = None):
     """One row per (group, method): plain numeric columns, as written to ``summary.csv``.
 
     For every metric ``m``: ``m_mean``, ``m_std`` (sample std, NaN with one seed), ``m_best``
@@ -148,7 +128,9 @@ def summary_frame(grouping: Grouping, metrics: Sequence[str], paper: dict | None
     several share the best value; NaN when not tested) and ``m_sig`` (p < 0.05). ``reference``
     is empty for continual methods and names the kind of reference point (e.g. ``upper-bound``)
     otherwise; such rows are never best and never tested. With ``paper``: ``paper_m``, ``paper_m_se``, ``delta_m``
-    (ours − paper) for ``final_acc`` and ``avg_inc_acc``, and ``paper_source``.
+    (ours − paper) for ``final_acc`` and ``avg_inc_acc``, ``paper_source`` and ``paper_about`` (the
+    paper's statistic and backbone): only a figure of the same benchmark, task count, task
+    protocol and split (:func:`clbench.report.paper.published_for`).
     """
     import pandas as pd
 
@@ -196,18 +178,17 @@ def summary_frame(grouping: Grouping, metrics: Sequence[str], paper: dict | None
                 row[f"{m}_sig"] = bool(p < SIGNIFICANCE_P)  # NaN compares False
 
         if paper is not None:
-            bench = _paper_benchmark(g.benchmark, paper.get("benchmarks", {}))
-            table = paper.get("benchmarks", {}).get(bench or "", {}).get(str(g.n_tasks), {})
             for row in grows:
-                entry = table.get(row["method"])
+                entry = published_for(paper, row["method"], g.benchmark, g.n_tasks,
+                                      g.runs[0].classes_per_task, g.protocol)
                 for m in PAPER_METRICS:
                     if m not in metrics:
                         continue
-                    pm = entry[m]["mean"] if entry else math.nan
-                    row[f"paper_{m}"] = pm
-                    row[f"paper_{m}_se"] = entry[m]["se"] if entry else math.nan
-                    row[f"delta_{m}"] = row[f"{m}_mean"] - pm
-                row["paper_source"] = entry["source"] if entry else ""
+                    value, se = (entry.metric(m) if entry else None) or (math.nan, math.nan)
+                    row[f"paper_{m}"], row[f"paper_{m}_se"] = value, se
+                    row[f"delta_{m}"] = row[f"{m}_mean"] - value
+                row["paper_source"] = entry.source if entry else ""
+                row["paper_about"] = sources_note([entry])
         rows += grows
 
     columns = ["group", "benchmark", "n_tasks", "split_protocol", "split_hash", "method", "row",
@@ -217,7 +198,7 @@ def summary_frame(grouping: Grouping, metrics: Sequence[str], paper: dict | None
         if paper is not None and m in PAPER_METRICS:
             columns += [f"paper_{m}", f"paper_{m}_se", f"delta_{m}"]
     if paper is not None:
-        columns.append("paper_source")
+        columns += ["paper_source", "paper_about"]
     columns += list(COSTS)
     return pd.DataFrame(rows, columns=columns)
 
