@@ -109,6 +109,16 @@ def complement_of(basis: torch.Tensor) -> torch.Tensor:
     return u[:, basis.shape[1]:]
 
 
+def spectral_basis(second_moment: torch.Tensor, share: float) -> torch.Tensor:
+    """Leading singular vectors of S up to and including the first at which the cumulative
+    share of the singular values themselves (not squared, unlike the GPM energies above)
+    reaches ``share`` (the projection basis of Adam-NSCL-style optimisers, as in LoRA-Sub-DRS)."""
+    u, s = _left_singular(second_moment.double())
+    share_so_far = torch.cumsum(s, 0) / s.sum()
+    k = min(int((share_so_far < share).sum()) + 1, u.shape[1])
+    return u[:, :k]
+
+
 class LayerMemory:
     """One layer's stored basis and mode; ``update`` applies one task's GPM/DualGPM step."""
 
