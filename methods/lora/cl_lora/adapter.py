@@ -57,7 +57,7 @@ class SharedLoRA(QKVAdapter):
     def reassignment_weights(self, target: str) -> torch.Tensor | None:
         """Row weights of the gradient reassignment: the teacher up-projection's row norms,
         rescaled to mean 1 (``None`` when they are all zero: no direction to reassign by)."""
-        norms = torch.linalg.vector_norm(getattr(self, f"old_up_{target}").float(), dim=1)
+        norms = torch.linalg.vector_norm(getattr(self, f"old_up_{target}").double(), dim=1)
         total = norms.sum()
         return None if total == 0 else norms * (len(norms) / total)
 

@@ -70,8 +70,15 @@ class CLLoRAConfig(PrototypeConfig):
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """The official ``_KD_loss``: −Σ softmax(t/T)·log_softmax(s/T) / batch (no T² factor)."""
-    log_p = torch.log_softmax(student.float() / temperature, dim=1)
-    return -(torch.softmax(teacher.float() / temperature, dim=1) * log_p).sum() / len(student)
+    with exact(student.device):
+        student, teacher = full(student), full(teacher)
+        log_p = torch.log_softmax(student / temperature, dim=1)
+        return -(torch.softmax(teacher / temperature, dim=1) * log_p).sum() / len(student)
+
+
+def full(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 activations are cast up; float64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def block_weight_orthogonality(current: torch.Tensor, old: list[torch.Tensor]) -> torch.Tensor:
@@ -206,7 +213,7 @@ class CLLoRA(PrototypeStrategy):
             return 0.0
         current = torch.cat([a.scales[-1] for a in self.specific])
         old = [torch.cat([a.scales[k] for a in self.specific]) for k in range(self.task)]
-        return self.config.orth_weight * block_weight_orthogonality(current.float(), [o.float() for o in old])
+        return self.config.orth_weight * block_weight_orthogonality(full(current), [full(o) for o in old])
 
     def criterion(self):
         loss = super().criterion()
