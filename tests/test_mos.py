@@ -1,0 +1,230 @@
+"""MOS against references written from the official code (sun-hailong/AAAI25-MOS
+``models/mos.py``, ``backbone/vit_mos.py``): adapter merging, the orthogonality term, the
+self-refined retrieval and the ensembled logits; old adapters frozen, statistics equal to a
+direct computation, no task label at test time; resume, bf16, and (slow) the CLI on digits, a
+killed run resumed and two gloo processes."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from clbench.context import RunContext
+from clbench.methods.prototype.mos import MOS, retrieve
+from clbench.model import CLModel
+from helpers import build, tensor_stream, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = dict(n_tasks=3, epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=8)
+
+
+def train(tasks=3, before_task=None, **config):
+    stream = tensor_stream(n_classes=2 * tasks, n_tasks=tasks, train_per_class=5)
+    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": tasks, **config})
+    snapshots = []
+    for task in range(tasks):
+        strategy.train(stream.train[task])
+        snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
+    return stream, strategy, snapshots
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    return train()
+
+
+def images_of(dataset):
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    return x, y
+
+
+# ----------------------------------------------------------------- references (official math)
+def official_reweight(weights, adapters_before, momentum):
+    """``reweight_adapter``: the prefix sum of the stored adapters (sum_adapter_param) and
+    (1 − m)·w + m·sum/idx."""
+    prefix = adapters_before[0]
+    for adapter in adapters_before[1:]:
+        prefix = adapter + prefix
+    idx = len(adapters_before)
+    return (1 - momentum) * weights + momentum * prefix / idx
+
+
+def official_orth_loss(class_means, features, reg):
+    rows = torch.cat([class_means, features], dim=0) if len(class_means) else features
+    sim = torch.matmul(rows, rows.t()) / 0.8
+    return reg * F.cross_entropy(sim, torch.arange(0, sim.shape[0]).long())
+
+
+def official_eval(orig_logits, all_features, head, cls2task, cur_task, ensemble=True):
+    """``_eval_cnn``: per image, the self-refined loop (MAX_ITER = 4), then the ensemble."""
+    orig_preds = orig_logits.argmax(1)
+    final, visited = [], []  # visited: the adapters each image went through
+    for x_id in range(len(orig_logits)):
+        loop_num, prev = 0, cls2task[int(orig_preds[x_id])]
+        path = [prev]
+        while True:
+            loop_num += 1
+            cur_logits = head(all_features[x_id, prev].unsqueeze(0))
+            cur = cls2task[int(cur_logits.argmax(1))]
+            if loop_num >= 4 or cur == prev:
+                break
+            prev = cur
+            path.append(prev)
+        final.append(cur_logits)
+        visited.append(path)
+    final = torch.cat(final)
+    if ensemble:
+        return F.softmax(final, 1) + F.softmax(orig_logits / (1 / (cur_task + 1)), 1), visited
+    return final, visited
+
+
+# ----------------------------------------------------------------- parity
+def test_merge_after_a_step_is_the_official_reweighting(trained):
+    _, strategy, _ = trained
+    m = strategy.config.adapter_momentum
+    before = [p.clone() for p in strategy.task_adapter_parameters(2)]
+    earlier = [strategy.task_adapter_parameters(k) for k in range(2)]
+    strategy.merge_adapter()
+    after = strategy.task_adapter_parameters(2)
+    for i, (w, new) in enumerate(zip(before, after)):
+        assert torch.equal(new, official_reweight(w, [e[i] for e in earlier], m))
+    with torch.no_grad():
+        for p, w in zip(after, before):
+            p.copy_(w)
+
+
+def test_merge_runs_once_after_every_optimiser_step_from_the_second_task(monkeypatch):
+    calls, steps = [], []
+    real_merge, real_step = MOS.merge_adapter, torch.optim.SGD.step
+    monkeypatch.setattr(MOS, "merge_adapter", lambda self: calls.append(self.task) or real_merge(self))
+    monkeypatch.setattr(torch.optim.SGD, "step",
+                        lambda self, *a, **k: steps.append(len(calls)) or real_step(self, *a, **k))
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": 2, "ca_epochs": 0})
+    strategy.train(stream.train[0])
+    first = len(calls)
+    start = [p.clone() for p in strategy.task_adapter_parameters(0)]
+    strategy.train(stream.train[1])
+    assert first > 0 and len(calls) == len(steps)  # one merge right after each step
+    assert calls.count(1) == len(calls) - first
+    # a task's adapter goes on from the previous one and is pulled towards it
+    moved = [(p - s).abs().sum() for p, s in zip(strategy.task_adapter_parameters(1), start)]
+    assert any(v > 0 for v in moved)
+
+
+def test_orthogonality_term_is_the_official_one(trained):
+    _, strategy, _ = trained
+    strategy._features = torch.randn(5, tiny_vit().num_features) * 3
+    expected = official_orth_loss(strategy.gaussians.means.float(), strategy._features,
+                                  strategy.config.reg)
+    torch.testing.assert_close(strategy.extra_loss(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_retrieval_picks_the_official_adapter():
+    g = torch.Generator().manual_seed(3)
+    tasks, n, d, per_task = 4, 64, 8, 3
+    features = torch.randn(tasks, n, d, generator=g)
+    head = torch.nn.Linear(d, tasks * per_task)
+    task_of = torch.arange(tasks).repeat_interleave(per_task)
+    first = torch.randn(n, tasks * per_task, generator=g)
+    with torch.no_grad():
+        ours, adapter = retrieve(features, first, head, task_of, 4)
+        ref, visited = official_eval(first, features.transpose(0, 1), head, task_of.tolist(), 3,
+                                     ensemble=False)
+    assert adapter.tolist() == [path[-1] for path in visited]  # the same adapter wins
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)  # a row alone vs in a batch
+    lengths = {len(p) for p in visited}
+    assert 1 in lengths and max(lengths) >= 3  # stays put for some, wanders for others
+
+
+def test_prediction_statistics_and_ensemble_follow_the_official_code(trained):
+    stream, strategy, _ = trained
+    strategy.model.eval()
+    with torch.no_grad():
+        protos, gaussians = [], strategy.gaussians
+        for task in range(3):  # statistics against a direct computation
+            x, y = images_of(stream.train[task].dataset)
+            own = strategy.adapter_features(x, task).double()
+            first = strategy.adapter_features(x, 0).double()
+            for c in y.unique().tolist():
+                torch.testing.assert_close(gaussians.means[c], own[y == c].mean(0))
+                cov = torch.cov(own[y == c].T) + 1e-4 * torch.eye(own.shape[1], dtype=torch.float64)
+                torch.testing.assert_close(gaussians.covs[c], cov.float(), rtol=1e-4, atol=1e-5)
+                protos.append(first[y == c].mean(0))
+        x = torch.cat([images_of(stream.test[t].dataset)[0] for t in range(3)])
+        feats = torch.stack([strategy.adapter_features(x, t) for t in range(3)], 1)
+        orig = F.normalize(feats[:, 0], dim=1) @ F.normalize(torch.stack(protos).float(), dim=1).T
+        expected, _ = official_eval(orig, feats, strategy.model.head, gaussians.class_task, 2)
+        torch.testing.assert_close(strategy.predict(x), expected, rtol=1e-5, atol=1e-6)
+    assert strategy.forward_passes_per_image == 3
+
+
+def test_old_adapters_frozen_bit_identical_new_adapter_starts_from_the_last(trained):
+    _, strategy, snapshots = trained
+    for task, snapshot in enumerate(snapshots):
+        now = strategy.task_adapter_parameters(task)
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, now))
+        assert not any(p.requires_grad for p in now)
+    start = []
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": 2, "epochs": 1})
+    real = strategy.before_task
+    strategy.before_task = lambda task: real(task) or start.append(
+        [p.clone() for p in strategy.task_adapter_parameters(task)])
+    for task in range(2):
+        strategy.train(stream.train[task])
+    assert all(torch.equal(a, b) for a, b in zip(start[1], strategy.task_adapter_parameters(0)))
+
+
+def test_prediction_sees_only_images_no_task_label(trained):
+    stream, strategy, _ = trained
+    strategy.model.eval()
+    x, y = images_of(stream.test[1].dataset)
+    outputs = []
+    with torch.no_grad():
+        for tasks in (torch.zeros(len(y), dtype=torch.long), torch.full((len(y),), 2)):
+            strategy.mbatch = [x, y, tasks]
+            strategy.is_training = False
+            outputs.append(strategy.forward())
+        one_by_one = torch.cat([strategy.predict(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_identically():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    kwargs = {**SMALL, "n_tasks": 2, "epochs": 1}
+    first = build(MOS, tiny_vit(), **kwargs)
+    first.train(stream.train[0])
+    second = build(MOS, tiny_vit(), **kwargs)
+    second.load_checkpoint(first.checkpoint())
+    x = images_of(stream.test[0].dataset)[0]
+    for strategy in (first, second):
+        torch.manual_seed(5)  # the alignment's samples come from the global stream
+        strategy.train(stream.train[1])
+        strategy.model.eval()
+    with torch.no_grad():
+        assert torch.equal(first.predict(x), second.predict(x))
+    assert torch.equal(first.gaussians.covs, second.gaussians.covs)
+
+
+def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    vit = tiny_vit()
+    context = RunContext.for_backbone(vit, n_tasks=2, precision="bf16")
+    strategy = MOS(model=CLModel(vit, vit.num_features), context=context, seed=0,
+                   config=MOS.Config(**{k: v for k, v in SMALL.items() if k != "n_tasks"}))
+    for task in range(2):
+        strategy.train(stream.train[task])
+        correct, total = strategy.evaluate_counts(stream.test[:task + 1])
+        assert sum(total) == 4 * (task + 1)
+    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+
+
+# ----------------------------------------------------------------- end to end (slow)
+def _results(run_dir, method, tasks=5):
+    path = next(Path(run_dir).rglob(f"digits-{tasks}tasks/{method}/seed-*/results.json"))
+    return json.loads(path.read_text())
