@@ -1,0 +1,239 @@
+"""TUNA against references written from the official code (LAMDA-CL/ICCV2025-TUNA
+``models/tuna.py``, ``backbone/vit_tuna.py``): the CosFace loss, the orthogonality term, EMR
+merging of the universal adapter, entropy selection and the combined logits, the alignment's mean
+decay; old adapters frozen, statistics equal to a direct computation, no task label at test time;
+resume, bf16 and (slow) the CLI on digits, a killed run resumed and two gloo processes."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from clbench.context import RunContext
+from clbench.methods.prototype.tuna import TUNA, TUNAGaussians, emr_unified, entropy_selected
+from clbench.model import CLModel
+from helpers import build, tensor_stream, tiny_vit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = dict(epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=8, reg=0.5)
+
+
+def train(tasks=3, **config):
+    stream = tensor_stream(n_classes=2 * tasks, n_tasks=tasks, train_per_class=5)
+    strategy = build(TUNA, tiny_vit(), n_tasks=tasks, **{**SMALL, **config})
+    snapshots = []
+    for task in range(tasks):
+        strategy.train(stream.train[task])
+        snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
+    return stream, strategy, snapshots
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    return train()
+
+
+def images_of(dataset):
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    return x, y
+
+
+# ----------------------------------------------------------------- references (official math)
+def official_cosface(wf, labels, s, m):
+    """``AngularPenaltySMLoss(loss_type='cosface')``."""
+    numerator = s * (torch.diagonal(wf.transpose(0, 1)[labels]) - m)
+    excl = torch.cat([torch.cat((wf[i, :y], wf[i, y + 1:])).unsqueeze(0)
+                      for i, y in enumerate(labels)], dim=0)
+    denominator = torch.exp(numerator) + torch.sum(torch.exp(s * excl), dim=1)
+    return -torch.mean(numerator - torch.log(denominator))
+
+
+def official_orth_loss(cur_ups, prev_ups_per_task):
+    final = 0
+    for prev_ups in prev_ups_per_task:
+        loss = 0
+        for cur, prev in zip(cur_ups, prev_ups):
+            dot = torch.mean(torch.matmul(F.normalize(cur, p=2, dim=1),
+                                          F.normalize(prev, p=2, dim=1).transpose(1, 0)))
+            loss += torch.abs(dot) / len(cur_ups)
+        final += loss
+    return final
+
+
+def official_emr(task_vectors):
+    """``emr_merge``'s unified vector (dicts of tensors)."""
+    unified = {}
+    for n in task_vectors[0]:
+        mean = torch.stack([tv[n] for tv in task_vectors]).mean(0)
+        flag = (mean > 0) * 2 - 1
+        param_max = torch.zeros_like(task_vectors[0][n])
+        for tv in task_vectors:
+            mask = (tv[n] * flag) > 0
+            param_abs = torch.abs(mask * tv[n])
+            param_max = torch.where(param_abs > param_max, param_abs, param_max)
+        unified[n] = param_max * flag
+    return unified
+
+
+def official_eval(all_logits, universal_logits):
+    """``_eval_cnn`` for a task > 0: lowest-entropy adapter, both softmaxes added."""
+    probs = F.softmax(all_logits, dim=2)
+    entropy = -torch.sum(probs * torch.log(probs + 1e-10), dim=2)
+    pick = torch.argmin(entropy, axis=0)
+    chosen = all_logits[pick, torch.arange(len(pick))]
+    return F.softmax(universal_logits, dim=1) + F.softmax(chosen, dim=1), pick
+
+
+# ----------------------------------------------------------------- parity
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_loss_is_the_official_cosface(trained, margin):
+    _, strategy, _ = trained
+    g = torch.Generator().manual_seed(1)
+    cosine = torch.rand(7, 6, generator=g) * 2 - 1
+    labels = torch.tensor([4, 5, 4, 5, 5, 4, 4])
+    strategy.config.margin, strategy.is_training = margin, True
+    strategy.mb_output, strategy.mbatch = cosine, [None, labels, None]
+    strategy.config.use_orth = False
+    try:
+        ours = strategy.criterion()
+    finally:
+        strategy.config.margin, strategy.config.use_orth = 0.0, True
+    expected = official_cosface(cosine[:, 4:], labels - 4, 20.0, margin)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_orthogonality_term_is_the_official_one(trained):
+    _, strategy, _ = trained
+    ups = [strategy.up_projections(k) for k in range(3)]
+    weight = strategy.config.reg * torch.exp(-torch.tensor(3, dtype=torch.float32))
+    expected = official_orth_loss(ups[2], ups[:2]) * weight
+    torch.testing.assert_close(strategy.extra_loss(), expected, rtol=1e-6, atol=1e-9)
+    assert float(expected) > 0
+
+
+def test_universal_adapter_is_the_official_emr_merge(trained):
+    _, strategy, _ = trained
+    for wrapper in strategy.adapters:
+        vectors = [dict(wrapper.adapters[strategy.slot(k)].state_dict()) for k in range(3)]
+        unified = official_emr(vectors)
+        for name, value in wrapper.adapters[0].state_dict().items():
+            assert torch.equal(value, unified[name].to(value.dtype)), name
+    g = torch.Generator().manual_seed(0)  # signs disagree, zeros, ties
+    vectors = [torch.randn(5, 4, generator=g).round() for _ in range(4)]
+    assert torch.equal(emr_unified(vectors), official_emr([{"w": v} for v in vectors])["w"].float())
+
+
+def test_selection_and_combined_logits_follow_the_official_code(trained):
+    stream, strategy, _ = trained
+    strategy.model.eval()
+    x = torch.cat([images_of(stream.test[t].dataset)[0] for t in range(3)])
+    head = strategy.model.head
+    with torch.no_grad():
+        per_task = torch.stack([20 * head(strategy.adapter_features(x, strategy.slot(k)))
+                                for k in range(3)])
+        universal = 20 * head(strategy.adapter_features(x, 0))
+        expected, pick = official_eval(per_task, universal)
+        torch.testing.assert_close(strategy.predict(x), expected, rtol=1e-5, atol=1e-6)
+        strategy.config.universal = "last"  # the official code's evaluated path
+        last, _ = official_eval(per_task, per_task[-1])
+        torch.testing.assert_close(strategy.predict(x), last, rtol=1e-5, atol=1e-6)
+        strategy.config.universal = "merged"
+    assert strategy.forward_passes_per_image == 4
+
+
+def test_the_lowest_entropy_adapter_wins_as_in_the_official_code():
+    g = torch.Generator().manual_seed(2)
+    sharpness = torch.tensor([1.0, 4.0, 2.0, 8.0]).view(4, 1, 1)  # vary which row is sharpest
+    logits = torch.randn(4, 50, 9, generator=g) * sharpness * torch.rand(4, 50, 1, generator=g)
+    _, pick = official_eval(logits, torch.zeros(50, 9))
+    assert len(pick.unique()) == 4
+    assert torch.equal(entropy_selected(logits), logits[pick, torch.arange(50)])
+
+
+def test_statistics_equal_a_direct_computation(trained):
+    stream, strategy, _ = trained
+    strategy.model.eval()
+    with torch.no_grad():
+        for task in range(3):
+            x, y = images_of(stream.train[task].dataset)
+            own = strategy.adapter_features(x, strategy.slot(task)).double()
+            for c in y.unique().tolist():
+                torch.testing.assert_close(strategy.gaussians.means[c], own[y == c].mean(0))
+                cov = torch.cov(own[y == c].T) + 1e-4 * torch.eye(own.shape[1], dtype=torch.float64)
+                torch.testing.assert_close(strategy.gaussians.covs[c], cov.float(), rtol=1e-4,
+                                           atol=1e-5)
+
+
+def test_decay_rules():
+    g = TUNAGaussians(2, 1e-4, decay=True, rule="task")
+    g.class_task = [0] * 10 + [1] * 10 + [2] * 10
+    assert [g.mean_scale(c, 2) for c in (0, 15, 29)] == pytest.approx([0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0])
+    g.rule = "official"  # task_size = known − total = −10: class // −10 ≤ 0
+    assert [g.mean_scale(c, 2) for c in (0, 5, 15, 29)] == pytest.approx(
+        [0.9 + 0.1 / 3, 0.9, 0.9 - 0.1 / 3, 0.9 - 0.2 / 3])
+    g.decay = False
+    assert g.mean_scale(0, 2) == 1.0
+
+
+def test_old_adapters_frozen_bit_identical_unless_the_official_gradient_is_asked(trained):
+    _, strategy, snapshots = trained
+    for task, snapshot in enumerate(snapshots):
+        now = strategy.task_adapter_parameters(task)
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, now))
+        assert not any(p.requires_grad for p in now)
+    _, moved, snapshots = train(tasks=2, orth_moves_old=True, epochs=1)
+    ups = {id(p) for p in moved.up_projections(0)}
+    changed = [not torch.equal(a, b) for a, b in zip(snapshots[0], moved.task_adapter_parameters(0))]
+    names = [id(p) in ups for p in moved.task_adapter_parameters(0)]
+    assert changed == names  # only the earlier up-projections moved
+
+
+def test_prediction_sees_only_images_no_task_label(trained):
+    stream, strategy, _ = trained
+    strategy.model.eval()
+    x, y = images_of(stream.test[1].dataset)
+    outputs = []
+    with torch.no_grad():
+        for tasks in (torch.zeros(len(y), dtype=torch.long), torch.full((len(y),), 2)):
+            strategy.mbatch = [x, y, tasks]
+            strategy.is_training = False
+            outputs.append(strategy.forward())
+        one_by_one = torch.cat([strategy.predict(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_identically():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    kwargs = {**SMALL, "epochs": 1}
+    first = build(TUNA, tiny_vit(), n_tasks=2, **kwargs)
+    first.train(stream.train[0])
+    second = build(TUNA, tiny_vit(), n_tasks=2, **kwargs)
+    second.load_checkpoint(first.checkpoint())
+    x = images_of(stream.test[0].dataset)[0]
+    for strategy in (first, second):
+        torch.manual_seed(5)  # the alignment's samples come from the global stream
+        strategy.train(stream.train[1])
+        strategy.model.eval()
+    with torch.no_grad():
+        assert torch.equal(first.predict(x), second.predict(x))
+
+
+def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    vit = tiny_vit()
+    context = RunContext.for_backbone(vit, n_tasks=2, precision="bf16")
+    strategy = TUNA(model=CLModel(vit, vit.num_features), context=context, seed=0,
+                    config=TUNA.Config(**{**SMALL, "epochs": 1}))
+    for task in range(2):
+        strategy.train(stream.train[task])
+        correct, total = strategy.evaluate_counts(stream.test[:task + 1])
+        assert sum(total) == 4 * (task + 1)
+    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
