@@ -282,11 +282,11 @@ class LoRASubDRS(CLStrategy):
         if self.moments is not None:
             for adapter, s_mat in zip(self.adapters, self.moments):
                 basis = spectral_basis(s_mat, cfg.share)
-                transform = projection(basis).to(self.device, torch.float32)
+                transform = projection(basis)
                 self.basis_dims.append(int(basis.shape[1]))
                 for t in TARGETS:
                     for p in adapter.pair(t):
-                        optimizer.transforms[p] = transform
+                        optimizer.transforms[p] = transform.to(p.device, p.dtype)
             self.moments = None
         return optimizer
 
