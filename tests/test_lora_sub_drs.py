@@ -253,3 +253,7 @@ def test_recipes_follow_the_port_configs():
     assert LoRASubDRS.defaults_for("cifar100", 10)["triplet_weight"] == 0.05431
     inr = LoRASubDRS.defaults_for("imagenet-r", 10)
     assert (inr["first_epochs"], inr["epochs"], inr["margin"]) == (40, 50, 2.0)
+    s = build(LoRASubDRS, tiny_vit(depth=1), n_tasks=2, **{**inr, "rank": 2})
+    assert (s.epochs_for_task(0), s.epochs_for_task(1)) == (40, 50)
+    s = build(LoRASubDRS, tiny_vit(depth=1), n_tasks=2, **{**inr, "rank": 2, "epochs": 2})
+    assert (s.epochs_for_task(0), s.epochs_for_task(1)) == (2, 2)  # --epochs bounds every task

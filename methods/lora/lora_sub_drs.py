@@ -174,7 +174,7 @@ BENCHMARK_DEFAULTS = {
 class LoRASubDRSConfig(StatisticsOptions, TrainConfig):
     lr_scaled_fields: ClassVar[tuple[str, ...]] = ("head_lr",)
     epochs: int = 50
-    first_epochs: Optional[int] = None  # the first task's epochs (init_epoch); None: epochs
+    first_epochs: Optional[int] = None  # the first task's (init_epoch), capped by epochs; None: epochs
     lr: float = 5e-4
     head_lr: float = 5e-4               # fc_lrate
     batch_size: int = 128
@@ -223,8 +223,10 @@ class LoRASubDRS(CLStrategy):
         self._prototypes = None
 
     def epochs_for_task(self, task: int) -> int:
-        first = self.config.first_epochs
-        return first if task == 0 and first is not None else self.config.epochs
+        """The first task's ``first_epochs`` (capped by ``epochs``, so ``--epochs`` bounds every
+        task), then ``epochs``."""
+        first, epochs = self.config.first_epochs, self.config.epochs
+        return min(first, epochs) if task == 0 and first is not None else epochs
 
     # ----------------------------------------------------------------- task boundaries
     @torch.no_grad()
@@ -248,7 +250,9 @@ class LoRASubDRS(CLStrategy):
         InfLoRA.init_new_head_rows(self)
         for adapter in self.adapters:
             adapter.start_task()
-        self.moments = self.drift_resistant_moments() if task > 0 and self.config.project else None
+        cfg = self.config  # share = 1: no projection, as the port's thres == 1.0
+        project = task > 0 and cfg.project and cfg.share < 1
+        self.moments = self.drift_resistant_moments() if project else None
 
     def after_task(self, task: int) -> None:
         for adapter in self.adapters:
