@@ -203,7 +203,7 @@ def test_resume_continues_identically():
     second.load_checkpoint(first.checkpoint())
     x = images_of(stream.test[0].dataset)[0]
     for strategy in (first, second):
-        torch.manual_seed(5)  # the alignment's samples come from the global stream
+        torch.manual_seed(5)  # the same adapter-dropout draws (the runner seeds every task)
         strategy.train(stream.train[1])
         strategy.model.eval()
     with torch.no_grad():
@@ -228,3 +228,51 @@ def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
 def _results(run_dir, method, tasks=5):
     path = next(Path(run_dir).rglob(f"digits-{tasks}tasks/{method}/seed-*/results.json"))
     return json.loads(path.read_text())
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_cli_on_digits_at_least_as_accurate_as_linear_probe_and_resume_identical(tmp_path,
+                                                                               monkeypatch):
+    """MOS and TUNA end to end on digits (shipped trunk, 1 epoch, 3 alignment epochs): final
+    accuracy at least the linear probe's, cost recorded; a run killed after task 2 and resumed
+    gives the same counts, method facts and checkpoint tensors (both methods, one plan)."""
+    from clbench import runner
+    from clbench.plan import RunPlan
+
+    cut = ["mos.ca_epochs=3", "tuna.ca_epochs=3"]
+    plan = lambda name, methods: RunPlan(run_dir=str(tmp_path / name), methods=methods,  # noqa: E731
+                                         epochs=1, overrides=cut)
+    runner.run(plan("full", ["mos", "tuna", "linear-probe"]), log=lambda *_: None)
+    probe = _results(tmp_path / "full", "linear-probe")["metrics"]["final_acc"]
+    for method, passes in (("mos", 5), ("tuna", 6)):
+        results = _results(tmp_path / "full", method)
+        assert results["metrics"]["final_acc"] >= probe, (method, results["metrics"], probe)
+        assert results["forward_passes_per_image"] == passes
+    real, killed, logs = runner.save_checkpoint, set(), []
+
+    def interrupting(path, checkpoint):  # each job killed once, right after its task 2 is saved
+        real(path, checkpoint)
+        if checkpoint["state"]["task"] == 1 and str(path) not in killed:
+            killed.add(str(path))
+            raise _Stop
+
+    monkeypatch.setattr(runner, "save_checkpoint", interrupting)
+    with pytest.raises(_Stop):  # killed in mos
+        runner.run(plan("resumed", ["mos", "tuna"]), log=lambda *_: None)
+    with pytest.raises(_Stop):  # mos resumes and completes, then killed in tuna
+        runner.run(plan("resumed", ["mos", "tuna"]), log=logs.append)
+    monkeypatch.setattr(runner, "save_checkpoint", real)
+    runner.run(plan("resumed", ["mos", "tuna"]), log=logs.append)
+    assert len(killed) == 2 and sum("resuming after task 2" in line for line in logs) == 2, logs
+    for method in ("mos", "tuna"):
+        full, resumed = _results(tmp_path / "full", method), _results(tmp_path / "resumed", method)
+        assert resumed["complete"] and resumed["correct"] == full["correct"], method
+        assert resumed["method_info"] == full["method_info"]
+        ckpt = [torch.load(next((tmp_path / d).rglob(f"{method}/seed-*/checkpoint.pt")),
+                           weights_only=True) for d in ("full", "resumed")]
+        for key, value in ckpt[0]["model"].items():
+            assert torch.equal(value, ckpt[1]["model"][key]), (method, key)

@@ -219,7 +219,7 @@ def test_resume_continues_identically():
     second.load_checkpoint(first.checkpoint())
     x = images_of(stream.test[0].dataset)[0]
     for strategy in (first, second):
-        torch.manual_seed(5)  # the alignment's samples come from the global stream
+        torch.manual_seed(5)  # the same adapter-dropout draws (the runner seeds every task)
         strategy.train(stream.train[1])
         strategy.model.eval()
     with torch.no_grad():
@@ -237,3 +237,33 @@ def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
         correct, total = strategy.evaluate_counts(stream.test[:task + 1])
         assert sum(total) == 4 * (task + 1)
     assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path, tiny_checkpoint):
+    """MOS and TUNA over 2 CPU processes (gloo) against one: the class Gaussians (and MOS's
+    prototypes) are summed over ranks, the alignment draws the same samples on every rank, so
+    the statistics and the counts match. Adapter dropout off (each rank draws its own masks);
+    MOS's batch-dependent orthogonality term off (a rank sees half the batch: docs)."""
+    common = ["run", "--methods", "mos,tuna", "--epochs", "1", "--tasks", "2",
+              "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--no-report",
+              "--device", "cpu"]
+    for item in ("mos.reg=0", "mos.adapter_dropout=0", "tuna.adapter_dropout=0",
+                 "mos.ca_epochs=2", "tuna.ca_epochs=2"):
+        common += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("single", []), ("ddp", ["--ddp", "--nproc", "2"])):
+        done = subprocess.run([sys.executable, "-m", "clbench", *common, "--name", name, *extra],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for method in ("mos", "tuna"):
+        single, ddp = (json.loads(next((tmp_path / name).rglob(f"{method}/seed-*/results.json"))
+                                  .read_text()) for name in ("single", "ddp"))
+        assert ddp["total"] == single["total"]
+        for row_single, row_ddp in zip(single["correct"], ddp["correct"]):
+            assert all(abs(a - b) <= 2 for a, b in zip(row_single, row_ddp)), method
+        states = [torch.load(next((tmp_path / name).rglob(f"{method}/seed-*/checkpoint.pt")),
+                             weights_only=True)["state"] for name in ("single", "ddp")]
+        for key in ("class_means", "class_covs"):
+            a, b = (s["gaussians"][key].double() for s in states)
+            assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()), (method, key)

@@ -196,7 +196,8 @@ class MOS(TaskAdapterStrategy):
         self.prototype_statistics.update(features[-1], labels)
         self.prototype_statistics.reduce(self.new_classes)
         if task > 0:
-            align_classifier(self.model.head, self.gaussians, task, self.config, self.device)
+            with self.alignment_draws(task):
+                align_classifier(self.model.head, self.gaussians, task, self.config, self.device)
         self.refresh()
 
     def refresh(self) -> None:

@@ -14,6 +14,7 @@ Recipes, sources and deviations: docs/methods/prototype.md
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -132,6 +133,15 @@ class TaskAdapterStrategy(PrototypeStrategy):
     def after_task(self, task: int) -> None:
         for p in self.task_adapter_parameters(task):
             p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def alignment_draws(self, task: int):
+        """The alignment's samples from the random stream seeded by (run seed, task): the same
+        on every data-parallel rank (whose dropout draws differ) and after a resume."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1000 + task)
+            yield
 
     def extra_state(self) -> dict:
         return {**super().extra_state(), "adapter_slots": self.n_slots,

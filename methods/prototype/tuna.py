@@ -219,8 +219,9 @@ class TUNA(TaskAdapterStrategy):
         self.add_gaussians(features[0], labels, task)
         if task > 0:
             self.merge_universal(task)
-            align_classifier(Scaled(self.model.head, self.config.scale), self.gaussians, task,
-                             self.config, self.device, t_max=self.config.ca_t_max)
+            with self.alignment_draws(task):
+                align_classifier(Scaled(self.model.head, self.config.scale), self.gaussians,
+                                 task, self.config, self.device, t_max=self.config.ca_t_max)
 
     @torch.no_grad()
     def merge_universal(self, task: int) -> None:
