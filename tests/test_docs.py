@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 CLI_DOC = ROOT / "docs" / "cli.md"
-FAMILIES = ("lora", "prompt", "prototype", "reference")
+FAMILIES = ("lora", "prompt", "prototype", "reference", "slow_learner")
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -120,3 +120,21 @@ def test_method_modules_point_to_their_family_page_and_hold_no_deviation_list():
     assert registering >= 10
     for family in FAMILIES:
         assert (ROOT / "docs" / "methods" / f"{family}.md").is_file()
+
+
+def test_every_built_in_method_is_listed_in_the_readme_the_overview_and_its_family_page():
+    """A new method cannot land undocumented: its registered name appears (in backticks) in the
+    README's methods table, the methods overview and the page of the family folder it lives in."""
+    import inspect
+
+    from clbench.registry import METHODS
+
+    readme = (ROOT / "README.md").read_text()
+    overview = (ROOT / "docs" / "methods" / "index.md").read_text()
+    for name in METHODS.builtin_names():
+        source = Path(inspect.getfile(METHODS.get(name))).resolve()
+        family = source.relative_to((ROOT / "methods").resolve()).parts[0]
+        page = (ROOT / "docs" / "methods" / f"{family}.md").read_text()
+        for where, text in (("README.md", readme), ("docs/methods/index.md", overview),
+                            (f"docs/methods/{family}.md", page)):
+            assert f"`{name}`" in text, f"{name} is not listed in {where}"
