@@ -218,8 +218,10 @@ class MOS(TaskAdapterStrategy):
                 logits = F.softmax(logits, dim=1) + F.softmax(sharpened, dim=1)
         return logits
 
-    def task_info(self) -> dict:
-        return {"task_adapters": self.task + 1, "forward_passes": self.forward_passes_per_image}
+    def stored(self) -> dict:
+        stored = super().stored()
+        stored["stored_statistics"] += self.prototype_statistics.sum.numel()
+        return stored
 
     def extra_state(self) -> dict:
         return {**super().extra_state(),

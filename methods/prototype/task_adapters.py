@@ -143,6 +143,19 @@ class TaskAdapterStrategy(PrototypeStrategy):
             torch.manual_seed(self.seed * 1000 + task)
             yield
 
+    def stored(self) -> dict:
+        """What the method keeps besides the pretrained backbone: adapter and head parameters,
+        and the numbers in its class statistics (means and d × d covariances)."""
+        adapters = sum(p.numel() for index in range(self.n_slots)
+                       for p in parallel_adapter.adapter_parameters(self.adapters, index))
+        return {"stored_adapter_params": adapters,
+                "stored_head_params": sum(p.numel() for p in self.model.head.parameters()),
+                "stored_statistics": self.gaussians.means.numel() + self.gaussians.covs.numel()}
+
+    def task_info(self) -> dict:
+        return {"task_adapters": self.task + 1, "forward_passes": self.forward_passes_per_image,
+                **self.stored()}
+
     def extra_state(self) -> dict:
         return {**super().extra_state(), "adapter_slots": self.n_slots,
                 "gaussians": self.gaussians.state_dict()}

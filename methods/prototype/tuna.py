@@ -245,6 +245,3 @@ class TUNA(TaskAdapterStrategy):
             selected = entropy_selected(logits)
             general = scale * self.model.head(universal.float())
             return F.softmax(general, dim=1) + F.softmax(selected, dim=1)
-
-    def task_info(self) -> dict:
-        return {"task_adapters": self.task + 1, "forward_passes": self.forward_passes_per_image}
