@@ -60,7 +60,7 @@ def test_lora_linear_is_the_official_formula_and_merges_exactly():
     assert not lora.merged
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 @pytest.mark.parametrize("task", [0, 1])
 def test_learning_rate_groups_and_cosine_match_the_official_stage(task):
     """[lora_A, lora_B, other backbone, head]: LoRA at lrate·0.5 in the first task and
