@@ -124,11 +124,15 @@ def test_three_weight_modes_and_the_loss_match_the_port(float64):
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-8)
 
 
-def test_triplet_loss_without_negatives_in_the_batch_uses_the_margin():
+def test_triplet_loss_of_a_one_class_batch_matches_the_port():
+    torch.manual_seed(0)
     f = F.normalize(torch.randn(4, 8), dim=1)
     y = torch.zeros(4, dtype=torch.long)
-    torch.testing.assert_close(augmented_triplet_loss(f, y, torch.zeros(0, 8), 0.5),
-                               ref_triplet(f, y, torch.zeros(0, 8), 0.5))
+    far = -f[:1] * 3  # an old prototype beyond the hardest positive + margin of anchor 0
+    for prototypes in (torch.zeros(0, 8), far):
+        loss = augmented_triplet_loss(f, y, prototypes, 0.5)
+        torch.testing.assert_close(loss, ref_triplet(f, y, prototypes, 0.5))
+    assert loss > 0
 
 
 def test_projected_step_matches_the_port_and_stays_in_the_drift_resistant_space(float64):
