@@ -62,7 +62,8 @@ def load_paper_numbers() -> list[Published]:
             method=e["method"], benchmark=e["benchmark"], tasks=int(e["tasks"]),
             protocol=e["protocol"], split=e.get("split"), final_acc=e.get("final_acc"),
             avg_inc_acc=e.get("avg_inc_acc"), citation=paper["citation"],
-            table=e.get("table", ""), statistic=paper["statistic"], backbone=paper["backbone"],
+            table=e.get("table", ""), statistic=e.get("statistic", paper["statistic"]),
+            backbone=e.get("backbone", paper["backbone"]),
             own_paper=e["method"] in paper.get("introduces", ())))
     return out
 
