@@ -147,6 +147,7 @@ def _optimiser_lrs(job, tasks=(0, 1)) -> list[list[float]]:
     ("sdlora", "cub200"),          # first task at first_task_lr 0.01, later tasks at lr 0.005
     ("inflora", "domainnet"),      # head at head_lr 1e-2, up-projections at lr 5e-3
     ("hide-prompt", "imagenet-r"),  # prompts at lr, head at lr × 0.1, TII at tii_lr
+    ("slca", "imagenet-r"),        # backbone at lr, head at head_lr
 ])
 def test_lr_flag_scales_every_optimiser_group(method, benchmark, tmp_path):
     """``--lr`` at twice the recipe's rate doubles every group of the optimisers the method
@@ -242,7 +243,10 @@ def test_ddp_batch_check_covers_every_job_before_the_first_trains(tmp_path):
     ("l2p", "vit_base_patch16_rpn_224", "prefix tuning supports timm Block/Attention, block 0 is ResPostBlock"),
     ("hide-prompt", "vit_base_patch16_rpn_224", "prefix tuning supports timm Block/Attention, block 0 is ResPostBlock"),
     ("sdlora", "vit_small_patch16_18x2_224", "block 0 has no fused attn.qkv Linear"),
-    ("inflora", "vit_small_patch16_18x2_224", "block 0 has no fused attn.qkv Linear")])
+    ("inflora", "vit_small_patch16_18x2_224", "block 0 has no fused attn.qkv Linear"),
+    ("cl-lora", "vit_small_patch16_18x2_224", "block 0 has no fused attn.qkv Linear"),
+    ("lora-sub-drs", "vit_small_patch16_18x2_224", "block 0 has no fused attn.qkv Linear"),
+    ("vq-prompt", "vit_base_patch16_rpn_224", "prefix tuning supports timm Block/Attention, block 0 is ResPostBlock")])
 def test_methods_refuse_a_backbone_they_cannot_change(method, backbone, problem, tmp_path):
     with pytest.raises(UsageError, match=f"{method} cannot run on backbone {backbone}: {problem}"):
         prepare(_plan(tmp_path, "--methods", f"linear-probe,{method}", "--backbone", backbone))
