@@ -99,7 +99,8 @@ def test_merge_after_a_step_is_the_official_reweighting(trained):
 def test_merge_runs_once_after_every_optimiser_step_from_the_second_task(monkeypatch):
     calls, steps = [], []
     real_merge, real_step = MOS.merge_adapter, torch.optim.SGD.step
-    monkeypatch.setattr(MOS, "merge_adapter", lambda self: calls.append(self.task) or real_merge(self))
+    monkeypatch.setattr(MOS, "merge_adapter",
+                        lambda self: calls.append(self.task) or real_merge(self))
     monkeypatch.setattr(torch.optim.SGD, "step",
                         lambda self, *a, **k: steps.append(len(calls)) or real_step(self, *a, **k))
     stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
@@ -276,3 +277,30 @@ def test_cli_on_digits_at_least_as_accurate_as_linear_probe_and_resume_identical
                            weights_only=True) for d in ("full", "resumed")]
         for key, value in ckpt[0]["model"].items():
             assert torch.equal(value, ckpt[1]["model"][key]), (method, key)
+
+
+def test_the_codes_merge_before_every_block_on_request():
+    """``merge_in_forward``: as the code's ``forward_features``, block b runs the adapter merged
+    b + 1 times and the adapter is left merged once per block (stored ones too, at inference)."""
+    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
+    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": 2, "epochs": 1,
+                                         "merge_in_forward": True, "adapter_momentum": 0.3})
+    for task in range(2):
+        strategy.train(stream.train[task])
+    strategy.model.eval()
+    x = images_of(stream.test[0].dataset)[0]
+    start = [p.clone() for p in strategy.task_adapter_parameters(1)]
+    total = strategy._prefix[0]
+    merged = [(1 - 0.3) * p + 0.3 * s / 1 for p, s in zip(start, total)]
+    twice = [(1 - 0.3) * p + 0.3 * s / 1 for p, s in zip(merged, total)]
+    with torch.no_grad():
+        out = strategy.adapter_features(x, 1)
+        after = [p.clone() for p in strategy.task_adapter_parameters(1)]
+        assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(after, twice))  # depth 2
+        strategy.config.merge_in_forward = False  # the hooks read the flag at each call
+        per_block = len(start) // 2  # block 0 ran after one merge, block 1 after two
+        values = merged[:per_block] + twice[per_block:]
+        for p, value in zip(strategy.task_adapter_parameters(1), values):
+            p.copy_(value)
+        expected = strategy.adapter_features(x, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

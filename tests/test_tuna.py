@@ -174,7 +174,8 @@ def test_statistics_equal_a_direct_computation(trained):
 def test_decay_rules():
     g = TUNAGaussians(2, 1e-4, decay=True, rule="task")
     g.class_task = [0] * 10 + [1] * 10 + [2] * 10
-    assert [g.mean_scale(c, 2) for c in (0, 15, 29)] == pytest.approx([0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0])
+    assert [g.mean_scale(c, 2) for c in (0, 15, 29)] == pytest.approx(
+        [0.9 + 0.1 / 3, 0.9 + 0.2 / 3, 1.0])
     g.rule = "official"  # task_size = known − total = −10: class // −10 ≤ 0
     assert [g.mean_scale(c, 2) for c in (0, 5, 15, 29)] == pytest.approx(
         [0.9 + 0.1 / 3, 0.9, 0.9 - 0.1 / 3, 0.9 - 0.2 / 3])
@@ -190,7 +191,8 @@ def test_old_adapters_frozen_bit_identical_unless_the_official_gradient_is_asked
         assert not any(p.requires_grad for p in now)
     _, moved, snapshots = train(tasks=2, orth_moves_old=True, epochs=1)
     ups = {id(p) for p in moved.up_projections(0)}
-    changed = [not torch.equal(a, b) for a, b in zip(snapshots[0], moved.task_adapter_parameters(0))]
+    now = moved.task_adapter_parameters(0)
+    changed = [not torch.equal(a, b) for a, b in zip(snapshots[0], now)]
     names = [id(p) in ups for p in moved.task_adapter_parameters(0)]
     assert changed == names  # only the earlier up-projections moved
 

@@ -60,6 +60,7 @@ class MOSConfig(TaskAdapterConfig):
     head_lr_ratio: float = 0.1      # the head trains at lr × this
     refine_steps: int = 4           # MAX_ITER of the self-refined retrieval
     ensemble: bool = True           # add the first adapter's prototype prediction
+    merge_in_forward: bool = False  # the code's in-place merge before every block (see docs)
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,18 +135,14 @@ class MOS(TaskAdapterStrategy):
         dim = model.head.in_features
         model.head = TruncNormalHead(dim)
         self.prototype_statistics = ClassStatistics(dim, second_moments=False)  # adapter 0
-        self._prefix_sum: list[torch.Tensor] = []
+        self._prefix: list[list[torch.Tensor]] = []  # Σ_{k≤s} θ_k as each adapter was stored
+        if self.config.merge_in_forward:
+            for block in model.backbone.blocks:
+                block.register_forward_pre_hook(self._merge_before_block)
         self._prototypes = self._task_of = None
 
     def make_gaussians(self, dim: int):
         return UnscaledGaussians(dim, self.config.cov_ridge)
-
-    def before_task(self, task: int) -> None:
-        super().before_task(task)
-        if task > 0:  # Σ of the earlier adapters, parameter by parameter (the code's prefix sums)
-            earlier = [self.task_adapter_parameters(k) for k in range(task)]
-            with torch.no_grad():
-                self._prefix_sum = [sum(ps[1:], ps[0].clone()) for ps in zip(*earlier)]
 
     def trainable_parameters(self):
         if self.task < 0:
@@ -160,14 +157,26 @@ class MOS(TaskAdapterStrategy):
                                 {"params": head, "lr": cfg.lr * cfg.head_lr_ratio}],
                                lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
-    @torch.no_grad()
     def merge_adapter(self) -> None:
-        """θ ← (1 − m)·θ + m·Σ/t for the current adapter (the code's ``adapter_merge``)."""
-        m, t = self.config.adapter_momentum, self.task
-        if t < 1 or m == 0:
+        """After every optimiser step: the current adapter merged (the code's ``adapter_merge``)."""
+        self.merge(self.task)
+
+    @torch.no_grad()
+    def merge(self, task: int) -> None:
+        """θ_t ← (1 − m)·θ_t + m·Σ_{k<t} θ_k / t with the code's prefix sums, written into the
+        tensors' data (the code assigns ``.data``; autograd does not see it)."""
+        m = self.config.adapter_momentum
+        if task < 1 or m == 0:
             return
-        for p, total in zip(self.task_adapter_parameters(t), self._prefix_sum):
-            p.copy_((1 - m) * p + m * total / t)
+        for p, total in zip(self.task_adapter_parameters(task), self._prefix[task - 1]):
+            p.data.copy_((1 - m) * p.data + m * total / task)
+
+    def _merge_before_block(self, block, args) -> None:
+        """``merge_in_forward``: the code's ``forward_features`` re-merges the adapter it runs
+        (every block's) before each block, in training and at inference."""
+        active = self.adapters[0].active
+        if self.config.merge_in_forward and active is not None and active >= 1:
+            self.merge(active)
 
     def forward(self):
         if not self.is_training:
@@ -190,6 +199,11 @@ class MOS(TaskAdapterStrategy):
 
     def after_task(self, task: int) -> None:
         super().after_task(task)
+        with torch.no_grad():  # the code's sum_adapter_param, when the adapter is stored
+            stored = [p.detach().clone() for p in self.task_adapter_parameters(task)]
+            if task > 0:
+                stored = [p + total for p, total in zip(stored, self._prefix[-1])]
+            self._prefix.append(stored)
         slots = [self.slot(task)] if task == 0 else [self.slot(task), self.slot(0)]
         features, labels = self.gather(slots)
         self.add_gaussians(features[0], labels, task)
@@ -225,9 +239,11 @@ class MOS(TaskAdapterStrategy):
 
     def extra_state(self) -> dict:
         return {**super().extra_state(),
-                "prototype_statistics": self.prototype_statistics.state_dict()}
+                "prototype_statistics": self.prototype_statistics.state_dict(),
+                "prefix_sums": [[t.cpu() for t in total] for total in self._prefix]}
 
     def restore_structure(self, state: dict) -> None:
         super().restore_structure(state)
         self.prototype_statistics.load_state_dict(state["prototype_statistics"])
+        self._prefix = [[t.to(self.device) for t in total] for total in state["prefix_sums"]]
         self.refresh()

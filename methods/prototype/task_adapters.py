@@ -96,7 +96,8 @@ class TaskAdapterStrategy(PrototypeStrategy):
         if index > self.first_slot:  # the codes' cur_adapter goes on from the previous task's
             with torch.no_grad():
                 for wrapper in self.adapters:
-                    wrapper.adapters[index].load_state_dict(wrapper.adapters[index - 1].state_dict())
+                    previous = wrapper.adapters[index - 1].state_dict()
+                    wrapper.adapters[index].load_state_dict(previous)
 
     def task_adapter_parameters(self, task: int):
         return parallel_adapter.adapter_parameters(self.adapters, self.slot(task))
