@@ -239,9 +239,8 @@ def _results(run_dir, method):
 @pytest.mark.slow
 def test_digits_forgets_less_than_finetune_and_resumes_identically(tmp_path, monkeypatch):
     """slca, slca-pp and finetune on digits (1 epoch): both slow learners forget less and end
-    higher; slca killed after task 2 and resumed gives the same counts and checkpoint, which
-    stores every backbone weight (all of them trained). (slca-pp's state round trip:
-    tests/test_slca_pp.py.)"""
+    higher; each killed after task 2 and resumed gives the same counts and checkpoint, and slca's
+    checkpoint stores every backbone weight (all of them trained)."""
     plan = lambda name, names: RunPlan(run_dir=str(tmp_path / name), methods=names,  # noqa: E731
                                        epochs=1)
     methods = ["slca", "slca-pp"]
@@ -251,24 +250,30 @@ def test_digits_forgets_less_than_finetune_and_resumes_identically(tmp_path, mon
         assert full[method]["metrics"]["forgetting"] < full["finetune"]["metrics"]["forgetting"]
         assert full[method]["metrics"]["final_acc"] > full["finetune"]["metrics"]["final_acc"]
         assert [i["aligned_classes"] for i in full[method]["method_info"]] == [0, 4, 6, 8, 10]
-    real = runner.save_checkpoint
+    real, interrupted = runner.save_checkpoint, []
 
-    def interrupting(path, checkpoint):  # killed right after task 2 is fully recorded
+    def interrupting(path, checkpoint):  # each method killed once, right after task 2
         real(path, checkpoint)
-        if checkpoint["state"]["task"] == 1:
+        method = Path(path).parts[-3]
+        if checkpoint["state"]["task"] == 1 and method not in interrupted:
+            interrupted.append(method)
             raise _Stop
 
     monkeypatch.setattr(runner, "save_checkpoint", interrupting)
-    with pytest.raises(_Stop):
-        runner.run(plan("resumed", ["slca"]), log=lambda *_: None)
-    monkeypatch.setattr(runner, "save_checkpoint", real)
+    for _ in methods:
+        with pytest.raises(_Stop):
+            runner.run(plan("resumed", methods), log=lambda *_: None)
     logs = []
-    runner.run(plan("resumed", ["slca"]), log=logs.append)
+    runner.run(plan("resumed", methods), log=logs.append)
+    assert interrupted == methods
     assert any("resuming after task 2" in line for line in logs), logs
-    resumed = _results(tmp_path / "resumed", "slca")
-    assert resumed["complete"] and resumed["correct"] == full["slca"]["correct"]
-    ckpt = [torch.load(tmp_path / d / "digits-5tasks/slca/seed-1993/checkpoint.pt", weights_only=True)
-            for d in ("full", "resumed")]
-    assert {f"backbone.{k}" for k in tiny_vit(dim=96, depth=4).state_dict()} <= set(ckpt[0]["model"])
-    for key, value in ckpt[0]["model"].items():
-        assert torch.equal(value, ckpt[1]["model"][key]), key
+    backbone_keys = {f"backbone.{k}" for k in tiny_vit(dim=96, depth=4).state_dict()}
+    for method in methods:
+        resumed = _results(tmp_path / "resumed", method)
+        assert resumed["complete"] and resumed["correct"] == full[method]["correct"], method
+        ckpt = [torch.load(tmp_path / d / f"digits-5tasks/{method}/seed-1993/checkpoint.pt",
+                           weights_only=True) for d in ("full", "resumed")]
+        if method == "slca":
+            assert backbone_keys <= set(ckpt[0]["model"])
+        for key, value in ckpt[0]["model"].items():
+            assert torch.equal(value, ckpt[1]["model"][key]), (method, key)
