@@ -39,7 +39,7 @@ def positive(value) -> bool:
 
 @pytest.mark.slow
 def test_perf_quick_writes_every_section(tmp_path, monkeypatch, cli, broken_method):
-    measured = ["linear-probe", "sdlora", broken_method]
+    measured = ["linear-probe", "sdlora", "ease", broken_method]
     monkeypatch.setattr(METHODS, "names", lambda: measured)  # a few methods keep this under 30 s
     out_json = tmp_path / "perf.json"
     code, out, err = cli("perf", "--quick", "--json", out_json)  # the CLI's own parser
@@ -58,6 +58,10 @@ def test_perf_quick_writes_every_section(tmp_path, monkeypatch, cli, broken_meth
         assert record["train_step_vs_plain"] == pytest.approx(
             record["train_step_s"] / record["plain_train_step_s"])
         assert record["forward_passes_per_image"] == 1 and record["peak_mib"] is not None
+        assert record["tasks_trained"] == 2  # --quick: the second task's steps, then evaluation
+    # A method with a pass per task shows the cost of the tasks it has learnt, not of the first.
+    ease = figures["methods"]["ease"]
+    assert ease["forward_passes_per_image"] == 2 and ease["tasks_trained"] == 2
     assert figures["methods"]["linear-probe"]["trainable_params"] < \
         figures["methods"]["sdlora"]["trainable_params"]  # head only vs head + LoRA pairs
     scaling = figures["sdlora_scaling"]

@@ -39,9 +39,11 @@ def _harness(figures, p) -> None:
 
 def _methods(figures, p) -> None:
     plain, methods = figures["plain_backbone"], figures["methods"]
+    tasks = {m["tasks_trained"] for m in methods.values() if "tasks_trained" in m}
+    after = f"; train step of task {max(tasks)} and evaluation after it" if tasks else ""
     p(f"\n2. methods ({figures['shapes']}: batch {figures['batch']}, eval batch "
-      f"{figures['eval_batch']}); × plain = ÷ the plain backbone in a bare loop, measured "
-      "next to each method (the plain row is the median of those)")
+      f"{figures['eval_batch']}{after}); × plain = ÷ the plain backbone in a bare loop, "
+      "measured next to each method (the plain row is the median of those)")
     p(f"   memory: {figures['memory_kind']}")
     header = ("method", "train step ms", "× plain", "eval ms/img", "× plain", "fwd/img", "peak MiB")
     rows = [("plain backbone", _ms(plain["train_step_s"]), "1.00",

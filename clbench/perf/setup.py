@@ -18,19 +18,23 @@ class Shapes:
     eval_steps: int  # timed evaluation batches per method (plus one warm-up)
     config_bench: str  # whose per-benchmark hyperparameters the methods use (prompt sizes, ranks)
     config_tasks: int
+    # Tasks each method trains before its last task's steps and its evaluation are timed: a
+    # method with a pass per task (EASE, MOS, TUNA, CL-LoRA) or extra later-task work (KD,
+    # projections) shows that cost only after several.
+    method_tasks: int = 3
 
 
 def shapes_for(name: str, quick: bool, repeats: int, cuda: bool = False) -> Shapes:
     if name == "tiny":  # a step is tens of ms on one CPU core: afford many
         return Shapes("tiny", batch=16 if quick else 32, eval_batch=32 if quick else 64,
                       steps=3 if quick else 4 * repeats, eval_steps=2 if quick else 4 * repeats,
-                      config_bench="digits", config_tasks=5)
+                      config_bench="digits", config_tasks=5, method_tasks=2 if quick else 3)
     if cuda:  # the official batch size: a GPU step is milliseconds, so afford repeats
         return Shapes("vit-b16", batch=128, eval_batch=128, steps=repeats * 2, eval_steps=repeats * 2,
                       config_bench="imagenet-r", config_tasks=10)
     return Shapes("vit-b16", batch=8, eval_batch=8, steps=1 if quick else max(2, repeats // 2),
                   eval_steps=1 if quick else max(2, repeats // 2),
-                  config_bench="imagenet-r", config_tasks=10)
+                  config_bench="imagenet-r", config_tasks=10, method_tasks=2)
 
 
 VIT_B16 = "vit_base_patch16_224"
