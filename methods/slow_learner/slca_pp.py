@@ -136,6 +136,7 @@ class SLCAppConfig(SlowLearnerConfig):
     # Official exps/slcapp/slcapp_imgnetr_lora.json
     backbone_lr_scale: float = 0.1
     weight_decay: float = 0.0
+    ca_weight_decay: float = 0.0      # the same module constant as weight_decay
     lora_rank: int = 4
     lora_scale: float = 0.8           # hard-coded in convs/vits.py
     first_lora_lr_scale: float = 0.5  # hard-coded in models/slca_pp.py (first task only)
