@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
+from clbench.adapters import merged
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
 
@@ -105,6 +106,25 @@ class ClassGaussians:
     def load_state_dict(self, state: dict) -> None:
         self.means, self.covs = state["class_means"], state["class_covs"]
         self.class_task = list(state["class_task"])
+
+
+class GaussianStatistics:
+    """Strategy mixin: ``add_class_statistics(task)`` appends the task's new classes to
+    ``self.gaussians`` from the statistics pass (test transform by default) through the model
+    in inference form (merged adapters, eval mode)."""
+
+    @torch.no_grad()
+    def add_class_statistics(self, task: int) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        features, labels = [], []
+        with merged(self.model):
+            for batch in self.statistics_loader(self.config.stats_transform):
+                features.append(self.model.features(batch[0].to(self.device)).double())
+                labels.append(batch[1].to(self.device))
+        self.model.train(was_training)
+        self.gaussians.add(torch.cat(features), torch.cat(labels),
+                           range(self.known_classes, self.model.head.n_classes), task)
 
 
 def align_classifier(head: nn.Module, gaussians: ClassGaussians, task: int,

@@ -39,6 +39,11 @@ class IncrementalHead(nn.Module):
         if n_classes > self.n_classes:
             self.grow(n_classes - self.n_classes)
 
+    def squared_norm_from(self, first: int) -> torch.Tensor:
+        """‖W[first:]‖² + ‖b[first:]‖²: weight decay on the current task's rows only, as the
+        official codes that freeze old heads apply it (InfLoRA, SLCA)."""
+        return self.fc.weight[first:].pow(2).sum() + self.fc.bias[first:].pow(2).sum()
+
     def forward(self, features):
         return self.fc(features)
 

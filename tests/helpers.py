@@ -48,3 +48,10 @@ def build(cls, vit, plugins=(), n_tasks=5, classes_per_task=(), **config):
     model = CLModel(vit, vit.num_features)
     context = RunContext.for_backbone(vit, n_tasks=n_tasks, classes_per_task=tuple(classes_per_task))
     return cls(model=model, config=cls.Config(**config), context=context, plugins=list(plugins), seed=0)
+
+
+def images_of(dataset):
+    """All of a dataset's images and labels as two tensors."""
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    return x, y

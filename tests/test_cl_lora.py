@@ -20,14 +20,6 @@ from clbench.methods.lora.cl_lora.adapter import tokens
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 def make(n_tasks=2, **config):
     vit = tiny_vit(depth=4).double()
     return build(CLLoRA, vit, n_tasks=n_tasks, **{"epochs": 1, "batch_size": 8, "rank": 3,

@@ -17,14 +17,6 @@ from clbench.methods.lora.lora_sub_drs import LoRASubDRS, LoRASubDRSConfig, augm
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 def make(n_tasks=2, **config):
     return build(LoRASubDRS, tiny_vit(depth=2).double(), n_tasks=n_tasks,
                  **{"epochs": 1, "batch_size": 8, "rank": 3, "lr": 1e-2, "head_lr": 2e-2,

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from clbench.context import RunContext
 from clbench.methods.prototype.mos import MOS, retrieve
 from clbench.model import CLModel
-from helpers import build, tensor_stream, tiny_vit
+from helpers import build, images_of, tensor_stream, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(n_tasks=3, epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=8)
@@ -33,12 +33,6 @@ def train(tasks=3, before_task=None, **config):
 def trained():
     torch.set_num_threads(1)
     return train()
-
-
-def images_of(dataset):
-    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    return x, y
 
 
 # ----------------------------------------------------------------- references (official math)

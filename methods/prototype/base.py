@@ -43,6 +43,14 @@ class CosineHead(IncrementalHead):
         self.blocks.append(nn.Parameter(torch.empty(n_new, self.in_features, device=device)
                                         .uniform_(-bound, bound)))
 
+    def start_task(self) -> None:
+        """A fresh proxy classifier for the task whose rows were just grown (EASE's
+        ``proxy_fc``): σ back to 1, the earlier tasks' rows frozen."""
+        with torch.no_grad():
+            self.sigma.fill_(1.0)
+        for block in self.blocks[:-1]:
+            block.requires_grad_(False)
+
     def forward(self, features):
         weight = torch.cat(list(self.blocks)) if len(self.blocks) else \
             features.new_zeros(0, self.in_features)

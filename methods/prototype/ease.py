@@ -111,11 +111,7 @@ class EASE(PrototypeStrategy):
     def before_task(self, task: int) -> None:
         self.new_subspace()
         self.task_ranges.append((self.known_classes, self.model.head.n_classes))
-        head = self.model.head  # a fresh proxy classifier: new rows, σ = 1, old rows frozen
-        with torch.no_grad():
-            head.sigma.fill_(1.0)
-        for block in head.blocks[:-1]:
-            block.requires_grad_(False)
+        self.model.head.start_task()
 
     def trainable_parameters(self):
         if self.task < 0:

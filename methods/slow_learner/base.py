@@ -23,8 +23,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from clbench.adapters import merged
-from clbench.alignment import AlignmentOptions, ClassGaussians, align_classifier
+from clbench.alignment import (AlignmentOptions, ClassGaussians, GaussianStatistics,
+                               align_classifier)
 from clbench.class_stats import StatisticsOptions
 from clbench.errors import UsageError
 from clbench.hparams import TrainConfig
@@ -55,7 +55,7 @@ class SlowLearnerConfig(AlignmentOptions, StatisticsOptions, TrainConfig):
                              f"{self.milestones}")
 
 
-class SlowLearner(CLStrategy):
+class SlowLearner(GaussianStatistics, CLStrategy):
     """Base of SLCA and SLCA++; subclasses choose what of the backbone trains
     (``select_backbone``) and its parameter groups (``backbone_groups``)."""
 
@@ -100,19 +100,6 @@ class SlowLearner(CLStrategy):
         if task > 0 and self.config.ca_epochs > 0:
             align_classifier(self.model.head, self.gaussians, task, self.config, self.device)
 
-    @torch.no_grad()
-    def add_class_statistics(self, task: int) -> None:
-        was_training = self.model.training
-        self.model.eval()
-        features, labels = [], []
-        with merged(self.model):
-            for batch in self.statistics_loader(self.config.stats_transform):
-                features.append(self.model.features(batch[0].to(self.device)).double())
-                labels.append(batch[1].to(self.device))
-        self.model.train(was_training)
-        self.gaussians.add(torch.cat(features), torch.cat(labels),
-                           range(self.known_classes, self.model.head.n_classes), task)
-
     # ----------------------------------------------------------------- optimisation
     def backbone_groups(self) -> list[dict]:
         """SLCA: one group, the whole backbone at lr × backbone_lr_scale."""
@@ -137,9 +124,8 @@ class SlowLearner(CLStrategy):
     def extra_loss(self):
         if not self.config.weight_decay:
             return 0.0
-        fc, known = self.model.head.fc, self.known_classes
-        return 0.5 * self.config.weight_decay * (fc.weight[known:].pow(2).sum()
-                                                 + fc.bias[known:].pow(2).sum())
+        return 0.5 * self.config.weight_decay * self.model.head.squared_norm_from(
+            self.known_classes)
 
     # ----------------------------------------------------------------- bookkeeping
     def task_info(self) -> dict:

@@ -147,11 +147,7 @@ class CLLoRA(PrototypeStrategy):
         self.task_ranges.append((self.known_classes, self.model.head.n_classes))
         for adapter in self.specific:
             adapter.add_task()
-        head = self.model.head  # a fresh proxy classifier: new rows, σ = 1, old rows frozen
-        with torch.no_grad():
-            head.sigma.fill_(1.0)
-        for block in head.blocks[:-1]:
-            block.requires_grad_(False)
+        self.model.head.start_task()
 
     def trainable_parameters(self):
         if self.task < 0:

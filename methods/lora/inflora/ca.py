@@ -11,10 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from clbench.adapters import merged
-from clbench.alignment import AlignmentOptions, ClassGaussians, align_classifier
+from clbench.alignment import (AlignmentOptions, ClassGaussians, GaussianStatistics,
+                               align_classifier)
 from clbench.class_stats import StatisticsOptions
 from clbench.methods.lora.inflora.strategy import BENCHMARK_DEFAULTS, InfLoRA, InfLoRAConfig
 from clbench.registry import register_method
@@ -41,7 +39,7 @@ class InfLoRACAConfig(AlignmentOptions, StatisticsOptions, InfLoRAConfig):
 
 @register_method("inflora-ca", "InfLoRA + classifier alignment (per-class Gaussian feature "
                                "replay retrains the head after each task), 1 forward pass")
-class InfLoRACA(InfLoRA):
+class InfLoRACA(GaussianStatistics, InfLoRA):
     Config = InfLoRACAConfig
 
     @classmethod
@@ -57,19 +55,6 @@ class InfLoRACA(InfLoRA):
         self.add_class_statistics(task)
         if task > 0:
             align_classifier(self.model.head, self.gaussians, task, self.config, self.device)
-
-    @torch.no_grad()
-    def add_class_statistics(self, task: int) -> None:
-        was_training = self.model.training
-        self.model.eval()
-        features, labels = [], []
-        with merged(self.model):  # inference over the task's data
-            for batch in self.statistics_loader(self.config.stats_transform):
-                features.append(self.model.features(batch[0].to(self.device)).double())
-                labels.append(batch[1].to(self.device))
-        self.model.train(was_training)
-        self.gaussians.add(torch.cat(features), torch.cat(labels),
-                           range(self.known_classes, self.model.head.n_classes), task)
 
     def task_info(self) -> dict:
         return {**super().task_info(), "aligned_classes": self.model.head.n_classes

@@ -179,9 +179,8 @@ class InfLoRA(CLStrategy):
     def extra_loss(self):
         if not self.config.weight_decay:
             return 0.0
-        fc, known = self.model.head.fc, self.known_classes
-        return 0.5 * self.config.weight_decay * (fc.weight[known:].pow(2).sum()
-                                                 + fc.bias[known:].pow(2).sum())
+        return 0.5 * self.config.weight_decay * self.model.head.squared_norm_from(
+            self.known_classes)
 
     def make_scheduler_for_task(self, optimizer):
         if self.config.schedule == "cosine":
