@@ -1,5 +1,9 @@
-"""Small builders shared by the tests: a tiny timm ViT, tensor datasets and streams, a strategy."""
+"""Small builders shared by the tests: a tiny timm ViT, tensor datasets and streams, a strategy,
+and the pieces of a kill-and-resume test."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -55,3 +59,30 @@ def images_of(dataset):
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     return x, y
+
+
+class Killed(Exception):
+    """Stands for a crash in a kill-and-resume test."""
+
+
+def kill_after_task(monkeypatch, task: int = 1) -> list[str]:
+    """Every job dies once, right after the checkpoint of ``task`` (0-based) is on disk, as a
+    crash there would; returns the job folders killed so far."""
+    from clbench import runner
+
+    real, killed = runner.save_checkpoint, []
+
+    def save_then_die(path, checkpoint):
+        real(path, checkpoint)
+        job = str(Path(path).parent)
+        if checkpoint["state"]["task"] == task and job not in killed:
+            killed.append(job)
+            raise Killed
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    return killed
+
+
+def digits_results(run_dir, method: str, seed: int = 1993, tasks: int = 5) -> dict:
+    path = Path(run_dir) / f"digits-{tasks}tasks" / method / f"seed-{seed}" / "results.json"
+    return json.loads(path.read_text())

@@ -144,7 +144,6 @@ def test_projected_step_matches_the_port_and_stays_in_the_drift_resistant_space(
     start_task(s, stream.train[1], batches)
     params = s.lora_parameters()
     theta0 = [p.detach().clone() for p in params]
-    x, y = batches[0][0], batches[0][1]
     s.mbatch = list(batches[0])
     s.optimizer.zero_grad()
     s.mb_output = s.forward()

@@ -3,8 +3,6 @@
 self-refined retrieval and the ensembled logits; old adapters frozen, statistics equal to a
 direct computation, no task label at test time; resume, bf16, and (slow) the CLI on digits, a
 killed run resumed and two gloo processes."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,8 @@ from torch.nn import functional as F
 from clbench.context import RunContext
 from clbench.methods.prototype.mos import MOS, retrieve
 from clbench.model import CLModel
-from helpers import build, images_of, tensor_stream, tiny_vit
+from helpers import (Killed, build, digits_results, images_of, kill_after_task, tensor_stream,
+                     tiny_vit)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(n_tasks=3, epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=8)
@@ -220,15 +219,6 @@ def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
 
 
 # ----------------------------------------------------------------- end to end (slow)
-def _results(run_dir, method, tasks=5):
-    path = next(Path(run_dir).rglob(f"digits-{tasks}tasks/{method}/seed-*/results.json"))
-    return json.loads(path.read_text())
-
-
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_cli_on_digits_at_least_as_accurate_as_linear_probe_and_resume_identical(tmp_path,
                                                                                monkeypatch):
@@ -242,29 +232,22 @@ def test_cli_on_digits_at_least_as_accurate_as_linear_probe_and_resume_identical
     plan = lambda name, methods: RunPlan(run_dir=str(tmp_path / name), methods=methods,  # noqa: E731
                                          epochs=1, overrides=cut)
     runner.run(plan("full", ["mos", "tuna", "linear-probe"]), log=lambda *_: None)
-    probe = _results(tmp_path / "full", "linear-probe")["metrics"]["final_acc"]
+    probe = digits_results(tmp_path / "full", "linear-probe")["metrics"]["final_acc"]
     for method, passes in (("mos", 5), ("tuna", 6)):
-        results = _results(tmp_path / "full", method)
+        results = digits_results(tmp_path / "full", method)
         assert results["metrics"]["final_acc"] >= probe, (method, results["metrics"], probe)
         assert results["forward_passes_per_image"] == passes
-    real, killed, logs = runner.save_checkpoint, set(), []
-
-    def interrupting(path, checkpoint):  # each job killed once, right after its task 2 is saved
-        real(path, checkpoint)
-        if checkpoint["state"]["task"] == 1 and str(path) not in killed:
-            killed.add(str(path))
-            raise _Stop
-
-    monkeypatch.setattr(runner, "save_checkpoint", interrupting)
-    with pytest.raises(_Stop):  # killed in mos
+    logs = []
+    killed = kill_after_task(monkeypatch)  # each job once, right after its task 2 is saved
+    with pytest.raises(Killed):  # killed in mos
         runner.run(plan("resumed", ["mos", "tuna"]), log=lambda *_: None)
-    with pytest.raises(_Stop):  # mos resumes and completes, then killed in tuna
+    with pytest.raises(Killed):  # mos resumes and completes, then killed in tuna
         runner.run(plan("resumed", ["mos", "tuna"]), log=logs.append)
-    monkeypatch.setattr(runner, "save_checkpoint", real)
     runner.run(plan("resumed", ["mos", "tuna"]), log=logs.append)
     assert len(killed) == 2 and sum("resuming after task 2" in line for line in logs) == 2, logs
     for method in ("mos", "tuna"):
-        full, resumed = _results(tmp_path / "full", method), _results(tmp_path / "resumed", method)
+        full = digits_results(tmp_path / "full", method)
+        resumed = digits_results(tmp_path / "resumed", method)
         assert resumed["complete"] and resumed["correct"] == full["correct"], method
         assert resumed["method_info"] == full["method_info"]
         ckpt = [torch.load(next((tmp_path / d).rglob(f"{method}/seed-*/checkpoint.pt")),

@@ -4,13 +4,12 @@ Tiny timm ViTs for behaviour, ViT-B/16 shapes (random init) only for parameter c
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
-from helpers import DIM, build, tensor_stream, tiny_vit
+from helpers import (DIM, Killed, build, digits_results, kill_after_task, tensor_stream,
+                     tiny_vit)
 from timm.models.vision_transformer import VisionTransformer
 from torch.nn import functional as F
 
@@ -460,36 +459,19 @@ def test_twenty_five_tasks():
 
 
 # ------------------------------------------------------------------ 12. resume, and forgetting on digits
-class _Stop(Exception):
-    pass
-
-
-def _results(run_dir, method):
-    path = Path(run_dir) / "digits-5tasks" / method / "seed-1993" / "results.json"
-    return json.loads(path.read_text())
-
-
 @pytest.mark.slow
-def test_resume_mid_run_gives_identical_results(tmp_path, monkeypatch, tiny_checkpoint):
+def test_resume_mid_run_gives_identicaldigits_results(tmp_path, monkeypatch, tiny_checkpoint):
     overrides = ["sdlora-rr.rank_milestones=[1,2]", "sdlora-rr.ranks=[4,3,2]"]
     plan = lambda name: RunPlan(run_dir=str(tmp_path / name), methods=["sdlora-rr"],  # noqa: E731
                                        checkpoint=str(tiny_checkpoint), epochs=1, overrides=overrides)
     runner.run(plan("full"), log=lambda *_: None)
-    real = runner.save_checkpoint
-
-    def interrupting(path, checkpoint):  # killed right after task 2 is fully recorded
-        real(path, checkpoint)
-        if checkpoint["state"]["task"] == 1:
-            raise _Stop
-
-    monkeypatch.setattr(runner, "save_checkpoint", interrupting)
-    with pytest.raises(_Stop):
+    kill_after_task(monkeypatch)  # right after task 2 is fully recorded
+    with pytest.raises(Killed):
         runner.run(plan("resumed"), log=lambda *_: None)
-    monkeypatch.setattr(runner, "save_checkpoint", real)
     logs = []
     runner.run(plan("resumed"), log=logs.append)
     assert any("resuming after task 2" in line for line in logs), logs
-    full, resumed = _results(tmp_path / "full", "sdlora-rr"), _results(tmp_path / "resumed", "sdlora-rr")
+    full, resumed = digits_results(tmp_path / "full", "sdlora-rr"), digits_results(tmp_path / "resumed", "sdlora-rr")
     assert resumed["complete"] and resumed["correct"] == full["correct"]
     assert resumed["method_info"] == full["method_info"]  # magnitudes, ranks, direction counts
     assert [info["rank"] for info in full["method_info"]] == [4, 3, 2, 2, 2]
@@ -507,7 +489,7 @@ def test_sdlora_trains_and_forgets_less_than_finetune_on_digits(tmp_path):
     plan = RunPlan(run_dir=str(tmp_path / "r"), methods=["sdlora", "finetune", "linear-probe"],
                           epochs=2)
     runner.run(plan, log=lambda *_: None)
-    sdlora, finetune, probe = (_results(tmp_path / "r", m) for m in ("sdlora", "finetune", "linear-probe"))
+    sdlora, finetune, probe = (digits_results(tmp_path / "r", m) for m in ("sdlora", "finetune", "linear-probe"))
     assert sdlora["forward_passes_per_image"] == 1
     assert sdlora["metrics"]["forgetting"] < finetune["metrics"]["forgetting"]
     assert sdlora["metrics"]["final_acc"] > finetune["metrics"]["final_acc"]

@@ -6,12 +6,12 @@ the end-to-end run on digits with a kill/resume."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import build, tensor_stream, tiny_vit
+from helpers import (Killed, build, digits_results, kill_after_task, tensor_stream,
+                     tiny_vit)
 from torch import nn
 from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
@@ -227,15 +227,6 @@ def test_training_step_runs_under_bf16_autocast():
 
 
 # ----------------------------------------------------------------- end to end on digits
-class _Stop(Exception):
-    pass
-
-
-def _results(run_dir, method):
-    path = Path(run_dir) / "digits-5tasks" / method / "seed-1993" / "results.json"
-    return json.loads(path.read_text())
-
-
 @pytest.mark.slow
 def test_digits_forgets_less_than_finetune_and_resumes_identically(tmp_path, monkeypatch):
     """slca, slca-pp and finetune on digits (1 epoch): both slow learners forget less and end
@@ -245,31 +236,22 @@ def test_digits_forgets_less_than_finetune_and_resumes_identically(tmp_path, mon
                                        epochs=1)
     methods = ["slca", "slca-pp"]
     runner.run(plan("full", [*methods, "finetune"]), log=lambda *_: None)
-    full = {m: _results(tmp_path / "full", m) for m in [*methods, "finetune"]}
+    full = {m: digits_results(tmp_path / "full", m) for m in [*methods, "finetune"]}
     for method in methods:
         assert full[method]["metrics"]["forgetting"] < full["finetune"]["metrics"]["forgetting"]
         assert full[method]["metrics"]["final_acc"] > full["finetune"]["metrics"]["final_acc"]
         assert [i["aligned_classes"] for i in full[method]["method_info"]] == [0, 4, 6, 8, 10]
-    real, interrupted = runner.save_checkpoint, []
-
-    def interrupting(path, checkpoint):  # each method killed once, right after task 2
-        real(path, checkpoint)
-        method = Path(path).parts[-3]
-        if checkpoint["state"]["task"] == 1 and method not in interrupted:
-            interrupted.append(method)
-            raise _Stop
-
-    monkeypatch.setattr(runner, "save_checkpoint", interrupting)
+    killed = kill_after_task(monkeypatch)  # each method once, right after task 2
     for _ in methods:
-        with pytest.raises(_Stop):
+        with pytest.raises(Killed):
             runner.run(plan("resumed", methods), log=lambda *_: None)
     logs = []
     runner.run(plan("resumed", methods), log=logs.append)
-    assert interrupted == methods
+    assert [Path(job).parts[-2] for job in killed] == methods
     assert any("resuming after task 2" in line for line in logs), logs
     backbone_keys = {f"backbone.{k}" for k in tiny_vit(dim=96, depth=4).state_dict()}
     for method in methods:
-        resumed = _results(tmp_path / "resumed", method)
+        resumed = digits_results(tmp_path / "resumed", method)
         assert resumed["complete"] and resumed["correct"] == full[method]["correct"], method
         ckpt = [torch.load(tmp_path / d / f"digits-5tasks/{method}/seed-1993/checkpoint.pt",
                            weights_only=True) for d in ("full", "resumed")]

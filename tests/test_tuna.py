@@ -4,11 +4,9 @@ merging of the universal adapter, entropy selection and the combined logits, the
 decay; old adapters frozen, statistics equal to a direct computation, no task label at test time;
 resume, bf16 and (slow) the CLI on digits, a killed run resumed and two gloo processes."""
 import json
-import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

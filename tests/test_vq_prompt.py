@@ -7,14 +7,12 @@ end with a kill/resume."""
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import build, tiny_vit
+from helpers import Killed, build, digits_results, kill_after_task, tiny_vit
 from torch import nn
 from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
@@ -215,38 +213,21 @@ def test_training_step_runs_under_bf16_autocast():
 
 
 # ----------------------------------------------------------------- end to end on digits
-class _Stop(Exception):
-    pass
-
-
-def _results(run_dir, method):
-    path = Path(run_dir) / "digits-5tasks" / method / "seed-1993" / "results.json"
-    return json.loads(path.read_text())
-
-
 @pytest.mark.slow
 def test_digits_forgets_less_than_finetune_and_resumes_identically(tmp_path, monkeypatch):
     plan = lambda name, methods: RunPlan(run_dir=str(tmp_path / name), methods=methods,  # noqa: E731
                                          epochs=1)
     runner.run(plan("full", ["vq-prompt", "finetune"]), log=lambda *_: None)
-    vq, finetune = _results(tmp_path / "full", "vq-prompt"), _results(tmp_path / "full", "finetune")
+    vq, finetune = digits_results(tmp_path / "full", "vq-prompt"), digits_results(tmp_path / "full", "finetune")
     assert vq["metrics"]["forgetting"] < finetune["metrics"]["forgetting"]
     assert vq["metrics"]["final_acc"] > finetune["metrics"]["final_acc"]
     assert vq["forward_passes_per_image"] == 2
     assert [i["refined_classes"] for i in vq["method_info"]] == [0, 4, 6, 8, 10]
-    real = runner.save_checkpoint
-
-    def interrupting(path, checkpoint):
-        real(path, checkpoint)
-        if checkpoint["state"]["task"] == 1:
-            raise _Stop
-
-    monkeypatch.setattr(runner, "save_checkpoint", interrupting)
-    with pytest.raises(_Stop):
+    kill_after_task(monkeypatch)
+    with pytest.raises(Killed):
         runner.run(plan("resumed", ["vq-prompt"]), log=lambda *_: None)
-    monkeypatch.setattr(runner, "save_checkpoint", real)
     runner.run(plan("resumed", ["vq-prompt"]), log=lambda *_: None)
-    resumed = _results(tmp_path / "resumed", "vq-prompt")
+    resumed = digits_results(tmp_path / "resumed", "vq-prompt")
     assert resumed["complete"] and resumed["correct"] == vq["correct"]
     assert resumed["method_info"] == vq["method_info"]
     assert math.isfinite(resumed["metrics"]["final_acc"])
