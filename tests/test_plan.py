@@ -13,7 +13,7 @@ import torch
 
 from clbench.cli import build_parser
 from clbench.errors import UsageError
-from clbench.plan import RunPlan, check_run_dir, plan_from_args, prepare
+from clbench.plan import check_run_dir, plan_from_args, prepare
 from clbench.results import write_json
 
 
