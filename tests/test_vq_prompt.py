@@ -114,6 +114,30 @@ def test_the_whole_pool_trains_every_task_and_old_head_rows_stay():
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
+def test_class_statistics_are_of_the_prompted_features():
+    """Official ``_compute_mean``: ``model(x, return_pre_logits=True)``, the CLS of the prompted
+    pass (not the query), over the statistics loader's images of the task's new classes."""
+    s = make()
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([2, 3, 2, 3, 2, 3])
+    s.task, s.known_classes = 1, 2
+    s.statistics_loader = lambda transform: [(x, y)]
+    s.moments.add(torch.zeros(2, DIM), torch.tensor([0, 1]), range(0, 2))
+    with torch.no_grad():
+        vit = s.model.backbone
+        q = query_features(vit, x)
+        prefixes = {}
+        for layer in range(5):
+            ek, ev, _, _ = official_vq(q, s.model.prompt.keys[layer], s.model.prompt.prompts[layer], 1.0)
+            prefixes[layer] = (ek, ev)
+        cls = prompted_tokens(vit, x, prefixes=prefixes)[:, 0].double()
+    s.config.ca_epochs = 0
+    s.after_task(1)
+    for c in (2, 3):
+        mean, var = s.moments.mean_and_variance(c)
+        torch.testing.assert_close(mean, cls[y == c].mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var, cls[y == c].var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
 def official_iter_schedule(base, final, iter_step, n_epochs, warmup_epochs, freeze_iters):
     """``CosineSchedulerIter``'s table for one group, in our words (numpy, as the official)."""
     total = iter_step * n_epochs
