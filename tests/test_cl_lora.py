@@ -77,8 +77,10 @@ def ref_features(s, x, shared, specific, weights, blocks=None):
     return vit.norm(h)[:, 0]
 
 
-def cosine_linear(f, weight, sigma):
-    return sigma * F.normalize(f, dim=1) @ F.normalize(weight, dim=1).T
+def official_cosine_linear(f, weight, sigma):
+    """CosineLinear.forward in its op order (σ times the linear of the unit vectors): the order
+    matters once backward sees updated tensors."""
+    return sigma * F.linear(F.normalize(f, dim=1), F.normalize(weight, dim=1))
 
 
 def current_tensors(s, task=-1, old_shared=False):
@@ -100,30 +102,23 @@ def test_training_forward_and_kd_features_match_the_official_maths(float64):
     ref = ref_features(s, x, shared, specific, weights)
     torch.testing.assert_close(s.model.features(x), ref, rtol=1e-10, atol=1e-10)
     head = s.model.head
-    torch.testing.assert_close(s.model(x), cosine_linear(ref, head.blocks[0], head.sigma))
+    torch.testing.assert_close(s.model(x), official_cosine_linear(ref, head.blocks[0], head.sigma))
     ref_kd = ref_features(s, x, shared, specific, weights, blocks=range(s.split))
     torch.testing.assert_close(s.shared_features(x), ref_kd, rtol=1e-10, atol=1e-10)
     # the tiny backbone's boundary: half its depth (4 blocks: 2 shared, 2 task-specific)
     assert s.split == 2 and len(s.shared) == 2 and len(s.specific) == 2
 
 
-def test_one_step_of_task_1_matches_the_official_two_steps(float64):
-    """KD loss (×5, T = 2), its gradient reassigned by the old up-projections' row norms, one SGD
-    step; then CE + 1e-4·orthogonality with the gradient taken at the batch's weights, a second
-    step (momentum 0.9, weight decay, the same lr)."""
+def task_1_batch():
+    """A strategy at the start of task 1 with random trainable tensors, and a batch."""
     stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    s = make()
-    start_task(s, stream.train[0])
-    s.after_task(0)
-    start_task(s, stream.train[1])
-    randomise(s)
-    params = s.trainable_parameters()
-    theta0 = [p.detach().clone() for p in params]
-    x, y = torch.rand(6, 3, 16, 16), torch.tensor([2, 3, 2, 3, 3, 2])
-    lr, wd = s.config.lr, s.config.weight_decay
+    return stream, torch.rand(6, 3, 16, 16), torch.tensor([2, 3, 2, 3, 3, 2])
 
-    # reference, on copies of the same tensors
-    ref = [t.clone().requires_grad_(True) for t in theta0]
+
+def reference_losses(s, ref, x, y):
+    """The official losses of a task-1 batch on the leaves ``ref`` (copies of the trainable
+    tensors in ``trainable_parameters`` order): CE + 1e-4·orthogonality, and 5·KD(T = 2) between
+    the shared-blocks-only features with the current and the previous shared ups."""
     n_sh = 2 * len(s.shared)
     ups = ref[:n_sh]
     spec = ref[n_sh:n_sh + 5 * len(s.specific)]
@@ -133,33 +128,40 @@ def test_one_step_of_task_1_matches_the_official_two_steps(float64):
     specific = [((spec[5 * i], spec[5 * i + 2]), (spec[5 * i + 1], spec[5 * i + 3])) for i in range(len(s.specific))]
     weights = [spec[5 * i + 4] for i in range(len(s.specific))]
     feats = ref_features(s, x, shared, specific, weights)
-    ce = F.cross_entropy(cosine_linear(feats, head_w, sigma), y - 2)
+    ce = F.cross_entropy(official_cosine_linear(feats, head_w, sigma), y - 2)
     old_w = torch.cat([a.scales[0] for a in s.specific]).detach()
     cur_w = torch.cat(weights)
     ortho = (cur_w / (cur_w.norm() + 1e-8) * old_w / (old_w.norm() + 1e-8)).sum().abs()
     ce = ce + 1e-4 * ortho
     student = ref_features(s, x, shared, specific, weights, blocks=range(s.split))
     teacher = ref_features(s, x, old_shared, specific, weights, blocks=range(s.split))
-    ls, lt = cosine_linear(student, head_w, sigma), cosine_linear(teacher, head_w, sigma)
+    ls, lt = official_cosine_linear(student, head_w, sigma), official_cosine_linear(teacher, head_w, sigma)
     kd = 5.0 * -(torch.softmax(lt / 2, 1) * torch.log_softmax(ls / 2, 1)).sum() / len(x)
-    g_kd = torch.autograd.grad(kd, ref, allow_unused=True)
-    g_ce = torch.autograd.grad(ce, ref)
+    return ce, kd
+
+
+def reassigned(s, g_kd):
     g_kd = list(g_kd)
     for i, a in enumerate(s.shared):
         for j, old in enumerate((a.old_up_q, a.old_up_v)):
             norms = old.norm(dim=1)
             g_kd[2 * i + j] = g_kd[2 * i + j] * (len(norms) * norms / norms.sum()).unsqueeze(1)
-    expected, buffers = [t.clone() for t in theta0], [None] * len(ref)
-    for grads in (g_kd, g_ce):
-        for k, g in enumerate(grads):
-            if g is None:
-                continue
-            d = g + wd * expected[k]
-            buffers[k] = d.clone() if buffers[k] is None else 0.9 * buffers[k] + d
-            expected[k] = expected[k] - lr * buffers[k]
-    assert g_kd[n_sh] is None and g_kd[0] is not None  # KD reaches only the shared blocks and head
+    return g_kd
 
-    # the strategy, one iteration in the template's order
+
+def sgd_step(values, grads, buffers, lr, wd):
+    """torch SGD (momentum 0.9, dampening 0, L2 weight decay) on the tensors' data in place;
+    a parameter without a gradient is skipped."""
+    for k, g in enumerate(grads):
+        if g is None:
+            continue
+        d = g + wd * values[k].data
+        buffers[k] = d.clone() if buffers[k] is None else 0.9 * buffers[k] + d
+        values[k].data -= lr * buffers[k]
+
+
+def strategy_iteration(s, x, y):
+    """One iteration in the template's order."""
     s.mbatch = [x, y, torch.ones_like(y)]
     s._finite = torch.ones((), dtype=torch.bool)
     s.optimizer.zero_grad()
@@ -167,8 +169,66 @@ def test_one_step_of_task_1_matches_the_official_two_steps(float64):
     s.loss = s.criterion()
     s.backward()
     s.optimizer.step()
+
+
+def at_task_1(stream, **config):
+    s = make(**config)
+    start_task(s, stream.train[0])
+    s.after_task(0)
+    start_task(s, stream.train[1])
+    randomise(s)
+    return s
+
+
+def test_one_step_of_task_1_matches_the_official_two_steps(float64):
+    """KD loss (×5, T = 2), its gradient reassigned by the old up-projections' row norms, one SGD
+    step; then CE + 1e-4·orthogonality with the gradient taken at the batch's weights, a second
+    step (momentum 0.9, weight decay, the same lr)."""
+    stream, x, y = task_1_batch()
+    s = at_task_1(stream)
+    params = s.trainable_parameters()
+    ref = [p.detach().clone().requires_grad_(True) for p in params]
+    ce, kd = reference_losses(s, ref, x, y)
+    g_kd = reassigned(s, torch.autograd.grad(kd, ref, allow_unused=True))
+    g_ce = torch.autograd.grad(ce, ref)
+    n_sh = 2 * len(s.shared)
+    assert g_kd[n_sh] is None and g_kd[0] is not None  # KD reaches only the shared blocks and head
+    expected, buffers = [t.detach().clone() for t in ref], [None] * len(ref)
+    for grads in (g_kd, g_ce):
+        sgd_step(expected, grads, buffers, s.config.lr, s.config.weight_decay)
+
+    strategy_iteration(s, x, y)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-9, atol=1e-12)
+
+
+def test_ce_after_kd_step_reproduces_the_official_loop(float64):
+    """``ce_after_kd_step``: the official loop verbatim. The CE forward, then the KD backward and
+    step, which updates the shared ups and the proxy head in place without autograd seeing it
+    (torch 2.0.1's foreach SGD; here ``.data``), then the CE backward through the forward's saved
+    tensors (now partly the updated weights), and the second step."""
+    stream, x, y = task_1_batch()
+    s = at_task_1(stream, ce_after_kd_step=True)
+    params = s.trainable_parameters()
+    theta0 = [p.detach().clone() for p in params]
+    ref = [t.clone().requires_grad_(True) for t in theta0]
+    ce, kd = reference_losses(s, ref, x, y)
+    kd.backward()
+    buffers = [None] * len(ref)
+    sgd_step(ref, reassigned(s, [t.grad for t in ref]), buffers, s.config.lr, s.config.weight_decay)
+    for t in ref:
+        t.grad = None
+    ce.backward()
+    sgd_step(ref, [t.grad for t in ref], buffers, s.config.lr, s.config.weight_decay)
+
+    strategy_iteration(s, x, y)
+    for p, e in zip(params, ref):
+        torch.testing.assert_close(p.detach(), e.detach(), rtol=1e-9, atol=1e-12)
+    default = at_task_1(stream)  # the same start; the mixture moves the result
+    strategy_iteration(default, x, y)
+    moved = [not torch.allclose(a, b, rtol=0, atol=1e-9)
+             for a, b in zip(default.trainable_parameters(), params)]
+    assert moved[0] and moved[-2]  # the first shared up and the proxy rows
 
 
 def test_state_after_a_task_and_inference_match_forward_diagonal(float64):
@@ -261,6 +321,8 @@ def test_bad_options_are_usage_errors(config):
     with pytest.raises(UsageError):
         CLLoRA.validate(CLLoRAConfig(**config), RunContext(n_tasks=5, backbone_depth=4, embed_dim=96))
     CLLoRA.validate(CLLoRAConfig(shared_blocks=3), RunContext(n_tasks=5, backbone_depth=4, embed_dim=96))
+    with pytest.raises(UsageError):  # bf16 autocast saves cast copies: no official mixture
+        CLLoRA.validate(CLLoRAConfig(ce_after_kd_step=True), RunContext(n_tasks=5, precision="bf16"))
     assert CLLoRA.boundary(CLLoRAConfig(), 12) == 6  # the official 0-5 / 6-11 split
 
 

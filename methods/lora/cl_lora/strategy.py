@@ -59,6 +59,9 @@ class CLLoRAConfig(PrototypeConfig):
     kd_temperature: float = 2.0
     orth_weight: float = 1e-4            # block-weight orthogonality term
     reassign: bool = True                # False: ablation, plain distillation gradient
+    # True: the official loop's mixture: the cross-entropy is back-propagated after the
+    # distillation step, through forward tensors that alias the parameters it updated
+    ce_after_kd_step: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,6 +77,10 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
         student, teacher = full(student), full(teacher)
         log_p = torch.log_softmax(student / temperature, dim=1)
         return -(torch.softmax(teacher / temperature, dim=1) * log_p).sum() / len(student)
+
+
+def _same(tensor):
+    return tensor
 
 
 def full(x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +114,9 @@ class CLLoRA(PrototypeStrategy):
         if depth and not 0 < cls.boundary(config, depth) < depth:
             raise UsageError(f"cl-lora shared_blocks must leave shared and task-specific blocks: "
                              f"0 < shared_blocks < {depth}, got {config.shared_blocks}")
+        if config.ce_after_kd_step and context.precision == "bf16":
+            raise UsageError("cl-lora ce_after_kd_step needs fp32 or tf32: under bf16 autocast "
+                             "the forward keeps cast copies of the weights, not the weights")
         if context.embed_dim and config.rank > context.embed_dim:
             raise UsageError(f"cl-lora rank {config.rank} exceeds the backbone's width "
                              f"{context.embed_dim}")
@@ -187,6 +197,22 @@ class CLLoRA(PrototypeStrategy):
         vit = self.model.backbone
         return pooled(vit, run_blocks(vit, tokens(vit, self.model.normalize(x)), range(self.split)))
 
+    def forward(self):
+        """With ``ce_after_kd_step`` on a task t ≥ 1: the training forward keeps references to
+        the tensors it saves for backward (autograd's version check is skipped), so the
+        distillation step's in-place update shows through them, as under torch 2.0.1's foreach
+        SGD; the current classes' logits take the proxy rows themselves (the official
+        ``CosineLinear`` normalises its weight, not a copy)."""
+        if not (self.is_training and self.config.ce_after_kd_step and self.task > 0):
+            return super().forward()
+        head = self.model.head
+        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            unit = F.normalize(self.model.features(self.mb_x), dim=1)
+            current = head.sigma * F.linear(unit, F.normalize(head.blocks[-1], dim=1))
+        with torch.no_grad():
+            old = [head.sigma * F.linear(unit, F.normalize(b, dim=1)) for b in head.blocks[:-1]]
+        return torch.cat(old + [current], dim=1)
+
     def predict(self, images):
         """Class-i logits: cos(branch-i features, prototypes of task i's classes), σ = 1."""
         vit = self.model.backbone
@@ -224,25 +250,34 @@ class CLLoRA(PrototypeStrategy):
         return loss
 
     def backward(self):
-        """Task t ≥ 1: the distillation step (its gradients, taken at the batch's weights,
-        reassigned row-wise on the shared up-projections) before the template's cross-entropy
-        step, whose gradients are taken at the same weights."""
+        """Task t ≥ 1: the distillation step (gradients reassigned row-wise on the shared
+        up-projections), then the template's cross-entropy step. By default both gradients are
+        taken at the batch's weights; ``ce_after_kd_step`` back-propagates the cross-entropy
+        after the distillation step instead (the official mixture, see ``forward``)."""
         if self._kd is None:
             return super().backward()
         params = self.trainable_parameters()
         kd_grads = torch.autograd.grad(self._kd, params, allow_unused=True)
         self._finite &= torch.isfinite(self._kd.detach()).all()
+        self._kd = None
+        if self.config.ce_after_kd_step:
+            self.distillation_step(params, kd_grads)
+            for p in params:
+                p.grad = None
+            return super().backward()
         super().backward()
         ce_grads = [p.grad for p in params]
-        for p, g in zip(params, kd_grads):
+        self.distillation_step(params, kd_grads)
+        for p, g in zip(params, ce_grads):
+            p.grad = g
+
+    def distillation_step(self, params, grads) -> None:
+        for p, g in zip(params, grads):
             p.grad = g
         if self.config.reassign:
             self.reassign_gradients()
         reduce_gradients([p for p in params if p.grad is not None], len(self.mb_y))
         self.optimizer.step()
-        for p, g in zip(params, ce_grads):
-            p.grad = g
-        self._kd = None
 
     @torch.no_grad()
     def reassign_gradients(self) -> None:
