@@ -1,7 +1,8 @@
-"""LoRA-Sub-DRS: parity with a reference written from LibContinual's port of the official code
-(``core/model/lora_sub.py``: MultiHeadAttention_LoRA_Sub's three weight modes, the input matrix,
-AugmentedTripletLoss, the NSCL-form Adam with ``get_transforms``, prototypes and NCM inference)
-on identical random weights in float64, and the drift-resistant-space invariant."""
+"""LoRA-Sub-DRS: parity with a reference written from the official code as public forks keep it
+(``models/vit_lora.py`` Attention_LoRA's three weight modes and the ``get_cur_x`` input matrix,
+``utils/losses.py`` AugmentedTripletLoss, ``optimgrad/adam_proj.py`` with ``get_transforms``,
+``init_param``, ``_build_protos`` and NCM inference; the same maths as LibContinual's port) on
+identical random weights in float64, and the drift-resistant-space invariant."""
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def randomise(s, scale=0.2):
             a.old_delta.copy_(torch.randn(a.old_delta.shape, generator=g) * scale / 4)
 
 
-# ----------------------------------------------------------------- the reference (port maths)
+# ----------------------------------------------------------------- the reference (official maths)
 def ref_features(s, x, mode, record=None):
     """The ViT with MultiHeadAttention_LoRA_Sub: ``train`` W + prev + B A, ``test`` W + prev,
     ``input`` W − prev (and the running mean of xᵀx per layer into ``record``)."""
@@ -89,7 +90,7 @@ def ref_triplet(inputs, targets, center, margin):
 
 
 # ----------------------------------------------------------------- parity
-def test_three_weight_modes_and_the_loss_match_the_port(float64):
+def test_three_weight_modes_and_the_loss_match_the_official_code(float64):
     stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
     s = make()
     start_task(s, stream.train[0], [])
@@ -116,7 +117,7 @@ def test_three_weight_modes_and_the_loss_match_the_port(float64):
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-8)
 
 
-def test_triplet_loss_of_a_one_class_batch_matches_the_port():
+def test_triplet_loss_of_a_one_class_batch_matches_the_official_code():
     torch.manual_seed(0)
     f = F.normalize(torch.randn(4, 8), dim=1)
     y = torch.zeros(4, dtype=torch.long)
@@ -127,9 +128,9 @@ def test_triplet_loss_of_a_one_class_batch_matches_the_port():
     assert loss > 0
 
 
-def test_projected_step_matches_the_port_and_stays_in_the_drift_resistant_space(float64):
+def test_projected_step_matches_the_official_adam_and_stays_in_the_drift_resistant_space(float64):
     """Task 1: S from the subtracted network over the task's data, V from its SVD with the share
-    of singular values ≥ 0.9, T = VVᵀ/‖VVᵀ‖; the port's Adam update, U·T for A and T·U for B."""
+    of singular values ≥ 0.9, T = VVᵀ/‖VVᵀ‖; the official Adam update, U·T for A and T·U for B."""
     stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
     s = make()
     start_task(s, stream.train[0], [])
@@ -144,14 +145,20 @@ def test_projected_step_matches_the_port_and_stays_in_the_drift_resistant_space(
     start_task(s, stream.train[1], batches)
     params = s.lora_parameters()
     theta0 = [p.detach().clone() for p in params]
+    head = [p for p in s.model.head.parameters() if p.requires_grad]
+    head0 = [p.detach().clone() for p in head]
     s.mbatch = list(batches[0])
     s.optimizer.zero_grad()
     s.mb_output = s.forward()
     s.loss = s.criterion()
     s.backward()
     grads = [p.grad.clone() for p in params]
+    head_grads = [p.grad.clone() for p in head]
     s.optimizer.step()
     lr, (b1, b2), eps = s.config.lr, (0.9, 0.999), 1e-8
+    for p, p0, g in zip(head, head0, head_grads):  # fc_lrate, weight decay 0, no projection
+        step = -s.config.head_lr * math.sqrt(1 - b2) / (1 - b1) * (1 - b1) * g / ((1 - b2) ** 0.5 * g.abs() + eps)
+        torch.testing.assert_close(p.detach(), p0 + step, rtol=1e-8, atol=1e-12)
     for i, adapter in enumerate(s.adapters):
         _, sv, vecs = torch.svd(record[i][0], some=False)
         cumulative = sv.cumsum(0) / sv.sum()
@@ -243,12 +250,33 @@ def test_bad_options_are_usage_errors(config):
         LoRASubDRSConfig(**config)
 
 
-def test_recipes_follow_the_port_configs():
-    assert LoRASubDRS.defaults_for("cifar100", 20)["triplet_weight"] == 0.05
-    assert LoRASubDRS.defaults_for("cifar100", 10)["triplet_weight"] == 0.05431
+def test_recipes_follow_the_official_configs():
+    assert LoRASubDRS.defaults_for("cifar100", 20)["triplet_weight"] == 0.05  # configs/cifar100.json
+    assert LoRASubDRS.defaults_for("cifar100", 10)["triplet_weight"] == 0.05431  # LibContinual's
+    cub = LoRASubDRS.defaults_for("cub200", 20)  # configs/cub.json
+    assert (cub["epochs"], cub["head_lr"], cub["margin"], cub["triplet_weight"]) == (20, 1e-3, 1.0, 0.2)
+    dn = LoRASubDRS.defaults_for("domainnet", 5)  # configs/domainnet.json
+    assert (dn["epochs"], dn["head_lr"], dn["rank"], dn["margin"], dn["triplet_weight"]) == \
+        (5, 1e-3, 40, 2.0, 0.1)
     inr = LoRASubDRS.defaults_for("imagenet-r", 10)
     assert (inr["first_epochs"], inr["epochs"], inr["margin"]) == (40, 50, 2.0)
     s = build(LoRASubDRS, tiny_vit(depth=1), n_tasks=2, **{**inr, "rank": 2})
     assert (s.epochs_for_task(0), s.epochs_for_task(1)) == (40, 50)
     s = build(LoRASubDRS, tiny_vit(depth=1), n_tasks=2, **{**inr, "rank": 2, "epochs": 2})
     assert (s.epochs_for_task(0), s.epochs_for_task(1)) == (2, 2)  # --epochs bounds every task
+    # _build_protos reads the training images under the test transform (mode='test')
+    assert LoRASubDRSConfig().stats_transform == "test"
+
+
+def test_a_fresh_pair_is_initialised_as_the_official_init_param():
+    """A: kaiming-uniform(a = √5) as nn.Linear(D, r); B: nn.init.sparse_(sparsity = 1 − 1/D), one
+    N(0, 0.01) entry in each of its r columns."""
+    s = make(rank=3)
+    s.before_task(0)
+    for a in s.adapters:
+        for t in ("k", "v"):
+            down, up = a.pair(t)
+            assert (torch.count_nonzero(up, dim=0) == 1).all()
+            assert 0 < up.abs().max() < 0.1
+            bound = 1 / math.sqrt(a.dim)  # kaiming_uniform(a=√5) on fan_in D
+            assert down.abs().max() <= bound and down.abs().max() > bound / 2

@@ -1,10 +1,10 @@
 """LoRA-Sub-DRS (Liu & Chang, "LoRA Subtraction for Drift-Resistant Space in Exemplar-Free
-Continual Learning", CVPR 2025; official code scarlet0703/LoRA-Sub-DRS, not available here; built
-from the paper and LibContinual's port ``core/model/lora_sub.py``, configs
-``config/zz_LoRA-Sub-DRS/*.yaml``).
+Continual Learning", CVPR 2025; official code scarlet0703/LoRA-Sub-DRS, read here in the
+fork DngBack/LoRA-Sub-DRS at its import commit 871d29c: ``methods/lorasub_drs.py``,
+``models/vit_lora.py``, ``optimgrad/adam_proj.py``, ``utils/losses.py``, ``configs/*.json``).
 
 Each task trains a fresh rank-r LoRA pair on the k and v slices of every block's fused qkv
-(A kaiming-uniform, B zero, no scaling) on top of the folded earlier pairs:
+(A kaiming-uniform, B one N(0, 0.01) entry per column, no scaling) on top of the folded earlier pairs:
 
     k = (W_k + Σ_{j<t} B_j A_j + B_t A_t) x        (same for v)
 
@@ -77,11 +77,13 @@ class SubtractableLoRA(QKVAdapter):
 
     @torch.no_grad()
     def start_task(self) -> None:
-        """A fresh pair: A as ``nn.Linear``'s kaiming-uniform(a=√5), B zero."""
+        """A fresh pair as the official ``init_param``: A kaiming-uniform(a=√5) as ``nn.Linear``;
+        B ``sparse_`` with sparsity 1 − 1/D, i.e. one N(0, 0.01) entry per column (LoRA's zero B
+        would give A no gradient on the first step)."""
         for t in TARGETS:
             down, up = self.pair(t)
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-            up.zero_()
+            nn.init.sparse_(up, sparsity=1 - 1 / self.dim)
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -93,7 +95,7 @@ class SubtractableLoRA(QKVAdapter):
 
 
 class ProjectedAdam(torch.optim.Optimizer):
-    """The port's Adam (Adam-NSCL form: step lr·√(1−β₂ᵗ)/(1−β₁ᵗ), ε added to √v̂ unscaled) whose
+    """The official ``optimgrad/adam_proj.py`` Adam (Adam-NSCL form: step lr·√(1−β₂ᵗ)/(1−β₁ᵗ), ε added to √v̂ unscaled) whose
     update of a parameter with a ``transforms`` entry T (D × D) is projected: U·T for a down
     (r × D), T·U for an up (D × r)."""
 
@@ -131,7 +133,7 @@ class ProjectedAdam(torch.optim.Optimizer):
 
 
 def projection(basis: torch.Tensor) -> torch.Tensor:
-    """T = V Vᵀ / ‖V Vᵀ‖_F (= V Vᵀ / √k) over the basis V (the port's ``get_transforms``)."""
+    """T = V Vᵀ / ‖V Vᵀ‖_F (= V Vᵀ / √k) over the basis V (the official ``get_transforms``)."""
     transform = basis @ basis.T
     return transform / torch.linalg.matrix_norm(transform)
 
@@ -154,14 +156,18 @@ def augmented_triplet_loss(features, labels, prototypes, margin: float) -> torch
         return F.relu(ap - an + margin).mean()
 
 
-# LibContinual configs (the official code is unavailable): Adam 5e-4, batch 128, rank 10,
-# CosineSchedule(K=epochs). ImageNet-R: lora_sub-imgnr-b20-20-10 and -b10-10-20 (same values;
-# 40 epochs on the first task); CIFAR-100: -b10-10-10 (λ 0.05431) and -b5-5-20 (λ 0.05).
-# ImageNet-A, CUB-200 and DomainNet have no config and get ImageNet-R's.
+# Official configs/*.json: Adam 5e-4 (init_lr = lrate), no weight decay, batch 128, rank 10,
+# CosineSchedule(K=epochs). imagenetr.json (B20-Inc20; 40 epochs on the first task), cub.json,
+# domainnet.json, cifar100.json (B5-Inc5: λ 0.05); CIFAR-100 with 10 tasks (λ 0.05431) from
+# LibContinual's lora_sub-cifar100-b10-10-10. ImageNet-A has no config and gets ImageNet-R's.
 _INR = dict(epochs=50, first_epochs=40, lr=5e-4, head_lr=5e-4, batch_size=128, rank=10,
             margin=2.0, triplet_weight=0.2)
 BENCHMARK_DEFAULTS = {
-    "imagenet-r": _INR, "imagenet-a": _INR, "cub200": _INR, "domainnet": _INR,
+    "imagenet-r": _INR, "imagenet-a": _INR,
+    "cub200": dict(epochs=20, lr=5e-4, head_lr=1e-3, batch_size=128, rank=10, margin=1.0,
+                   triplet_weight=0.2),
+    "domainnet": dict(epochs=5, lr=5e-4, head_lr=1e-3, batch_size=128, rank=40, margin=2.0,
+                      triplet_weight=0.1),
     "cifar100": dict(epochs=20, lr=5e-4, head_lr=2e-3, batch_size=128, rank=10, margin=1.0,
                      triplet_weight=0.05431),
     # Small, fast values for the embedded tiny benchmark (D = 96), not from the paper.
@@ -183,7 +189,6 @@ class LoRASubDRSConfig(StatisticsOptions, TrainConfig):
     margin: float = 2.0                 # margin_inter
     triplet_weight: float = 0.2         # lambada
     project: bool = True                # False: ablation, no drift-resistant projection
-    stats_transform: str = "train"      # the port builds prototypes from the training loader
 
     def __post_init__(self):
         super().__post_init__()
@@ -206,7 +211,7 @@ class LoRASubDRS(CLStrategy):
     def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
         defaults = dict(BENCHMARK_DEFAULTS.get(benchmark, _INR))
         if benchmark == "cifar100" and n_tasks == 20:
-            defaults["triplet_weight"] = 0.05  # lora_sub-cifar100-b5-5-20.yaml
+            defaults["triplet_weight"] = 0.05  # configs/cifar100.json
         return defaults
 
     @classmethod
@@ -250,7 +255,7 @@ class LoRASubDRS(CLStrategy):
         InfLoRA.init_new_head_rows(self)
         for adapter in self.adapters:
             adapter.start_task()
-        cfg = self.config  # share = 1: no projection, as the port's thres == 1.0
+        cfg = self.config  # share = 1: no projection, as the official thres == 1.0
         project = task > 0 and cfg.project and cfg.share < 1
         self.moments = self.drift_resistant_moments() if project else None
 
@@ -295,7 +300,7 @@ class LoRASubDRS(CLStrategy):
         return optimizer
 
     def make_scheduler_for_task(self, optimizer):
-        """The port's CosineSchedule(K = epochs), stepped per epoch, on the first task too."""
+        """The official CosineSchedule(K = epochs), stepped per epoch, on the first task too."""
         epochs = self.config.epochs
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: cosine_factor(e, epochs))
 
