@@ -165,6 +165,31 @@ def test_per_iteration_cosine_matches_the_official_scheduler(warmup_epochs, free
             assert group["lr"] == pytest.approx(float(expected), rel=1e-9, abs=1e-15)
 
 
+def test_the_strategy_schedule_is_the_official_coswm_of_its_config():
+    """``init_optimizer``'s ``coswm``: base values [lr·5, lr], finals [1e-6, 1e-6], ``iter_step``
+    iterations per epoch, ``schedule[0]`` = one epoch of iterations frozen at 1e-6."""
+    s = make(epochs=6, iter_step=4, freeze_epochs=1.0)
+    optimizer = s.make_optimizer_for_task(s.trainable_parameters())
+    schedule = s.make_scheduler_for_task(optimizer)
+    tables = [official_iter_schedule(b, 1e-6, 4, 6, 0, 4) for b in (0.0025 * 5, 0.0025)]
+    for step in range(4 * 6):
+        schedule.apply()
+        for group, table in zip(optimizer.param_groups, tables):
+            assert group["lr"] == pytest.approx(float(table[step]), rel=1e-9, abs=1e-15)
+
+
+def test_new_head_rows_start_as_a_default_linear():
+    """The official ``last`` is a default ``nn.Linear``: weights and biases uniform in
+    ±1/sqrt(D) (the growing head's own init is kaiming-uniform with zero bias)."""
+    s = make()
+    s.model.head.grow(60)
+    s.task, s.known_classes = 1, 4
+    s.before_task(1)
+    fc, bound = s.model.head.fc, 1 / math.sqrt(DIM)
+    assert fc.weight[4:].abs().max() <= bound and fc.bias[4:].abs().max() <= bound
+    assert fc.weight[4:].abs().max() > 0.9 * bound and (fc.bias[4:] != 0).all()
+
+
 def official_refinement(fc, means, variances, classes_per_task, task_id, ratio_samples, epochs,
                         ca_lr, weight_decay):
     """``train_task_adaptive_prediction`` in our words: AdamW at ca_lr/10 under the iteration
