@@ -1,31 +1,54 @@
 """MOS against references written from the official code (sun-hailong/AAAI25-MOS
-``models/mos.py``, ``backbone/vit_mos.py``): adapter merging, the orthogonality term, the
-self-refined retrieval and the ensembled logits; old adapters frozen, statistics equal to a
-direct computation, no task label at test time; resume, bf16, and (slow) the CLI on digits, a
-killed run resumed and two gloo processes."""
+``models/mos.py``, ``backbone/vit_mos.py``, ``exps/``): adapter merging, the orthogonality term,
+the optimiser groups, the classifier alignment, the self-refined retrieval and the ensembled
+logits, the recipes; old adapters frozen, statistics equal to a direct computation, no task label
+at test time; resume, bf16, and (slow) the CLI on digits and a killed run resumed."""
+
+import copy
 
 import pytest
 import torch
+from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
 from clbench.context import RunContext
+from clbench.methods.prototype import mos
 from clbench.methods.prototype.mos import MOS, retrieve
 from clbench.model import CLModel
 from helpers import (Killed, build, digits_results, images_of, kill_after_task, tensor_stream,
                      tiny_vit)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = dict(n_tasks=3, epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=8)
+SMALL = dict(n_tasks=3, epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=20)
 
 
-def train(tasks=3, before_task=None, **config):
+def record_alignments(monkeypatch, module, strategy) -> list[dict]:
+    """Every call of ``module.align_classifier``: the model's head before and after it, the
+    random state it started from, and the Gaussians (means, covariances, tasks) it saw."""
+    calls = []
+    real = module.align_classifier
+
+    def spy(head, gaussians, task, *args, **kwargs):
+        call = dict(task=task, rng=torch.get_rng_state(), before=copy.deepcopy(strategy.model.head),
+                    means=gaussians.means, covs=gaussians.covs,
+                    class_task=list(gaussians.class_task))
+        real(head, gaussians, task, *args, **kwargs)
+        calls.append({**call, "after": copy.deepcopy(strategy.model.head)})
+
+    monkeypatch.setattr(module, "align_classifier", spy)
+    return calls
+
+
+def train(tasks=3, **config):
     stream = tensor_stream(n_classes=2 * tasks, n_tasks=tasks, train_per_class=5)
     strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": tasks, **config})
     snapshots = []
-    for task in range(tasks):
-        strategy.train(stream.train[task])
-        snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
-    return stream, strategy, snapshots
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        alignments = record_alignments(monkeypatch, mos, strategy)
+        for task in range(tasks):
+            strategy.train(stream.train[task])
+            snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
+    return stream, strategy, snapshots, alignments
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +72,33 @@ def official_orth_loss(class_means, features, reg):
     rows = torch.cat([class_means, features], dim=0) if len(class_means) else features
     sim = torch.matmul(rows, rows.t()) / 0.8
     return reg * F.cross_entropy(sim, torch.arange(0, sim.shape[0]).long())
+
+
+def official_classifier_align(head, params, means, covs, batch_size, ca_lr, epochs, weight_decay,
+                              t_max, scale=1.0, mean_factors=None):
+    """``classifer_align`` of both codes: SGD (the group's weight decay overrides 5e-4) under
+    CosineAnnealingLR(T_max); per epoch batch_size × 5 draws per class (TUNA: from the mean times
+    its decay factor, logits times ``scale``), one shuffle, one batch of that size per class."""
+    optimizer = torch.optim.SGD([{"params": params, "lr": ca_lr, "weight_decay": weight_decay}],
+                                lr=ca_lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer=optimizer, T_max=t_max)
+    total, per_class = len(means), batch_size * 5
+    factors = mean_factors or [1.0] * total
+    for _ in range(epochs):
+        sampled, labels = [], []
+        for c in range(total):
+            m = MultivariateNormal((means[c] * factors[c]).float(), covs[c].float())
+            sampled.append(m.sample(sample_shape=(per_class,)))
+            labels.extend([c] * per_class)
+        order = torch.randperm(len(labels))
+        inputs, targets = torch.cat(sampled).float()[order], torch.tensor(labels).long()[order]
+        for it in range(total):
+            batch = slice(it * per_class, (it + 1) * per_class)
+            loss = F.cross_entropy(scale * head(inputs[batch])[:, :total], targets[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
 
 
 def official_eval(orig_logits, all_features, head, cls2task, cur_task, ensemble=True):
@@ -76,7 +126,7 @@ def official_eval(orig_logits, all_features, head, cls2task, cur_task, ensemble=
 
 # ----------------------------------------------------------------- parity
 def test_merge_after_a_step_is_the_official_reweighting(trained):
-    _, strategy, _ = trained
+    _, strategy, _, _ = trained
     m = strategy.config.adapter_momentum
     before = [p.clone() for p in strategy.task_adapter_parameters(2)]
     earlier = [strategy.task_adapter_parameters(k) for k in range(2)]
@@ -110,11 +160,78 @@ def test_merge_runs_once_after_every_optimiser_step_from_the_second_task(monkeyp
 
 
 def test_orthogonality_term_is_the_official_one(trained):
-    _, strategy, _ = trained
+    _, strategy, _, _ = trained
     strategy._features = torch.randn(5, tiny_vit().num_features) * 3
     expected = official_orth_loss(strategy.gaussians.means.float(), strategy._features,
                                   strategy.config.reg)
     torch.testing.assert_close(strategy.extra_loss(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_optimiser_groups_are_the_official_ones(trained):
+    """``get_optimizer``: adapter at lr, head at lr × 0.1, both with the weight decay; SGD 0.9."""
+    _, strategy, _, _ = trained
+    optimizer = strategy.make_optimizer_for_task(strategy.trainable_parameters())
+    adapter, head = optimizer.param_groups
+    assert list(map(id, adapter["params"])) == list(map(id, strategy.task_adapter_parameters(2)))
+    assert list(map(id, head["params"])) == list(map(id, strategy.model.head.parameters()))
+    assert (adapter["lr"], head["lr"]) == (0.05, pytest.approx(0.005))
+    assert {g["weight_decay"] for g in (adapter, head)} == {strategy.config.weight_decay}
+    assert isinstance(optimizer, torch.optim.SGD) and adapter["momentum"] == 0.9
+
+
+def test_alignment_is_the_official_classifer_align(trained):
+    """From the second task on, the linear head is realigned exactly as ``classifer_align`` does
+    it on the same Gaussians and random draws (means unshrunk, T_max = the alignment epochs)."""
+    _, strategy, _, alignments = trained
+    assert [call["task"] for call in alignments] == [1, 2]
+    cfg = strategy.config
+    assert cfg.ca_samples == 5 * cfg.batch_size  # the codes' batch_size * 5
+    for call in alignments:
+        head = call["before"]
+        torch.set_rng_state(call["rng"])
+        official_classifier_align(head, [head.fc.weight, head.fc.bias], call["means"],
+                                  call["covs"], cfg.batch_size, cfg.ca_lr, cfg.ca_epochs,
+                                  cfg.weight_decay, t_max=cfg.ca_epochs)
+        for name, value in call["after"].state_dict().items():
+            torch.testing.assert_close(value, head.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_diagonal_storage_keeps_the_variances(trained):
+    """``ca_storage_efficient_method="variance"`` (ImageNet-A): diag(cov + 1e-4·I)."""
+    _, strategy, _, _ = trained
+    features = torch.randn(10, tiny_vit().num_features, dtype=torch.float64)
+    labels = torch.tensor(list(strategy.new_classes)).repeat(5)
+    saved, covs = (strategy.gaussians, strategy.config.ca_covariance), []
+    try:
+        for storage in ("full", "diagonal"):
+            strategy.config.ca_covariance = storage
+            strategy.gaussians = strategy.make_gaussians(features.shape[1])
+            strategy.add_gaussians(features, labels, 2)
+            covs.append(strategy.gaussians.covs)
+    finally:
+        strategy.gaussians, strategy.config.ca_covariance = saved
+    assert all(torch.equal(b, torch.diag(torch.diagonal(a))) for a, b in zip(*covs))
+    assert not torch.equal(covs[0], covs[1])
+
+
+# exps/mos_{cifar,inr,ina,cub}.json: tuned_epoch, init_lr, batch_size, weight_decay, storage
+OFFICIAL_RECIPES = {"cifar100": (20, 0.03, 48, 5e-4, "covariance"),
+                    "imagenet-r": (10, 0.05, 16, 5e-3, "covariance"),
+                    "imagenet-a": (10, 0.05, 32, 5e-3, "variance"),
+                    "cub200": (10, 0.01, 32, 5e-4, "covariance")}
+
+
+@pytest.mark.parametrize("benchmark", sorted(OFFICIAL_RECIPES))
+def test_recipe_is_the_official_config(benchmark):
+    epochs, lr, batch, decay, storage = OFFICIAL_RECIPES[benchmark]
+    cfg = MOS.Config(**MOS.defaults_for(benchmark, 10))
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay) == (epochs, lr, batch, decay)
+    assert cfg.ca_covariance == {"covariance": "full", "variance": "diagonal"}[storage]
+    # all: min_lr 0, reg 0.1, momentum 0.1, ensemble, ffn_num 16, crct_epochs 30, ca_lr 0.005
+    assert (cfg.min_lr, cfg.reg, cfg.adapter_momentum, cfg.ensemble, cfg.ffn_num) == (
+        0.0, 0.1, 0.1, True, 16)
+    assert (cfg.ca_epochs, cfg.ca_lr, cfg.ca_samples, cfg.ca_weight_decay) == (
+        30, 0.005, 5 * batch, decay)  # batch_size * 5 draws, the group's weight decay
 
 
 def test_retrieval_picks_the_official_adapter():
@@ -135,7 +252,7 @@ def test_retrieval_picks_the_official_adapter():
 
 
 def test_prediction_statistics_and_ensemble_follow_the_official_code(trained):
-    stream, strategy, _ = trained
+    stream, strategy, _, _ = trained
     strategy.model.eval()
     with torch.no_grad():
         protos, gaussians = [], strategy.gaussians
@@ -157,7 +274,7 @@ def test_prediction_statistics_and_ensemble_follow_the_official_code(trained):
 
 
 def test_old_adapters_frozen_bit_identical_new_adapter_starts_from_the_last(trained):
-    _, strategy, snapshots = trained
+    _, strategy, snapshots, _ = trained
     for task, snapshot in enumerate(snapshots):
         now = strategy.task_adapter_parameters(task)
         assert all(torch.equal(a, b) for a, b in zip(snapshot, now))
@@ -174,7 +291,7 @@ def test_old_adapters_frozen_bit_identical_new_adapter_starts_from_the_last(trai
 
 
 def test_prediction_sees_only_images_no_task_label(trained):
-    stream, strategy, _ = trained
+    stream, strategy, _, _ = trained
     strategy.model.eval()
     x, y = images_of(stream.test[1].dataset)
     outputs = []
@@ -229,8 +346,8 @@ def test_cli_on_digits_at_least_as_accurate_as_linear_probe_and_resume_identical
     from clbench.plan import RunPlan
 
     cut = ["mos.ca_epochs=3", "tuna.ca_epochs=3"]
-    plan = lambda name, methods: RunPlan(run_dir=str(tmp_path / name), methods=methods,  # noqa: E731
-                                         epochs=1, overrides=cut)
+    plan = lambda name, jobs: RunPlan(run_dir=str(tmp_path / name), methods=jobs,  # noqa: E731
+                                      epochs=1, overrides=cut)
     runner.run(plan("full", ["mos", "tuna", "linear-probe"]), log=lambda *_: None)
     probe = digits_results(tmp_path / "full", "linear-probe")["metrics"]["final_acc"]
     for method, passes in (("mos", 5), ("tuna", 6)):

@@ -1,8 +1,9 @@
 """TUNA against references written from the official code (LAMDA-CL/ICCV2025-TUNA
-``models/tuna.py``, ``backbone/vit_tuna.py``): the CosFace loss, the orthogonality term, EMR
-merging of the universal adapter, entropy selection and the combined logits, the alignment's mean
-decay; old adapters frozen, statistics equal to a direct computation, no task label at test time;
-resume, bf16 and (slow) the CLI on digits, a killed run resumed and two gloo processes."""
+``models/tuna.py``, ``backbone/vit_tuna.py``, ``exps/``): the CosFace loss, the orthogonality
+term, the optimiser, EMR merging of the universal adapter, entropy selection and the combined
+logits, the classifier alignment and its mean decay, the recipes; old adapters frozen, statistics
+equal to a direct computation, no task label at test time; resume, bf16 and (slow) two gloo
+processes against one (MOS and TUNA)."""
 import json
 import os
 import subprocess
@@ -13,22 +14,26 @@ import torch
 from torch.nn import functional as F
 
 from clbench.context import RunContext
+from clbench.methods.prototype import tuna
 from clbench.methods.prototype.tuna import TUNA, TUNAGaussians, emr_unified, entropy_selected
 from clbench.model import CLModel
 from helpers import build, images_of, tensor_stream, tiny_vit
+from test_mos import official_classifier_align, record_alignments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = dict(epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=8, reg=0.5)
+SMALL = dict(epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=20, reg=0.5)
 
 
 def train(tasks=3, **config):
     stream = tensor_stream(n_classes=2 * tasks, n_tasks=tasks, train_per_class=5)
     strategy = build(TUNA, tiny_vit(), n_tasks=tasks, **{**SMALL, **config})
     snapshots = []
-    for task in range(tasks):
-        strategy.train(stream.train[task])
-        snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
-    return stream, strategy, snapshots
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        alignments = record_alignments(monkeypatch, tuna, strategy)
+        for task in range(tasks):
+            strategy.train(stream.train[task])
+            snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
+    return stream, strategy, snapshots, alignments
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +91,7 @@ def official_eval(all_logits, universal_logits):
 # ----------------------------------------------------------------- parity
 @pytest.mark.parametrize("margin", [0.0, 0.3])
 def test_loss_is_the_official_cosface(trained, margin):
-    _, strategy, _ = trained
+    _, strategy, _, _ = trained
     g = torch.Generator().manual_seed(1)
     cosine = torch.rand(7, 6, generator=g) * 2 - 1
     labels = torch.tensor([4, 5, 4, 5, 5, 4, 4])
@@ -102,7 +107,7 @@ def test_loss_is_the_official_cosface(trained, margin):
 
 
 def test_orthogonality_term_is_the_official_one(trained):
-    _, strategy, _ = trained
+    _, strategy, _, _ = trained
     ups = [strategy.up_projections(k) for k in range(3)]
     weight = strategy.config.reg * torch.exp(-torch.tensor(3, dtype=torch.float32))
     expected = official_orth_loss(ups[2], ups[:2]) * weight
@@ -111,7 +116,7 @@ def test_orthogonality_term_is_the_official_one(trained):
 
 
 def test_universal_adapter_is_the_official_emr_merge(trained):
-    _, strategy, _ = trained
+    _, strategy, _, _ = trained
     for wrapper in strategy.adapters:
         vectors = [dict(wrapper.adapters[strategy.slot(k)].state_dict()) for k in range(3)]
         unified = official_emr(vectors)
@@ -123,7 +128,7 @@ def test_universal_adapter_is_the_official_emr_merge(trained):
 
 
 def test_selection_and_combined_logits_follow_the_official_code(trained):
-    stream, strategy, _ = trained
+    stream, strategy, _, _ = trained
     strategy.model.eval()
     x = torch.cat([images_of(stream.test[t].dataset)[0] for t in range(3)])
     head = strategy.model.head
@@ -140,6 +145,58 @@ def test_selection_and_combined_logits_follow_the_official_code(trained):
     assert strategy.forward_passes_per_image == 4
 
 
+def test_optimiser_is_the_official_one(trained):
+    """``get_optimizer``: the current adapter and every head block at lr with the weight decay
+    (the code's two groups hold the same values); SGD momentum 0.9."""
+    _, strategy, _, _ = trained
+    optimizer = strategy.make_optimizer_for_task(strategy.trainable_parameters())
+    expected = [*strategy.task_adapter_parameters(2), *strategy.model.head.blocks]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, params)) == sorted(map(id, expected))
+    assert {(g["lr"], g["weight_decay"], g["momentum"]) for g in optimizer.param_groups} == {
+        (strategy.config.lr, strategy.config.weight_decay, 0.9)}
+
+
+def test_alignment_is_the_official_classifer_align(trained):
+    """From the second task on, the cosine head is realigned as ``classifer_align`` does it on the
+    same Gaussians and draws: logits × scale, T_max fixed at 5, only the head blocks train, means
+    decayed by 0.9 + 0.1·(task of c + 1)/(t + 1) (the code's rule with the task size's sign
+    corrected: docs)."""
+    _, strategy, _, alignments = trained
+    assert [call["task"] for call in alignments] == [1, 2]
+    cfg = strategy.config
+    for call in alignments:
+        head, t, size = call["before"], call["task"], 2  # 2 classes per task
+        factors = [0.9 + (c // size + 1) / (t + 1) * 0.1 for c in range(len(call["means"]))]
+        torch.set_rng_state(call["rng"])
+        official_classifier_align(head, list(head.blocks), call["means"], call["covs"],
+                                  cfg.batch_size, cfg.ca_lr, cfg.ca_epochs, cfg.weight_decay,
+                                  t_max=5, scale=20.0, mean_factors=factors)
+        for name, value in call["after"].state_dict().items():
+            torch.testing.assert_close(value, head.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+# exps/tuna_*.json: tuned_epoch, init_lr, batch_size, use_orth, decay, crct_epochs, ca_lr, m
+OFFICIAL_RECIPES = {"cifar100": (15, 0.01, 16, False, False, 30, 0.005, 0.0),
+                    "imagenet-r": (10, 0.02, 32, True, True, 30, 0.005, 0.0),
+                    "imagenet-a": (20, 0.01, 16, True, True, 10, 0.01, 0.3)}
+
+
+@pytest.mark.parametrize("benchmark", sorted(OFFICIAL_RECIPES))
+def test_recipe_is_the_official_config(benchmark):
+    epochs, lr, batch, orth, decay, ca_epochs, ca_lr, margin = OFFICIAL_RECIPES[benchmark]
+    cfg = TUNA.Config(**TUNA.defaults_for(benchmark, 10))
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.use_orth, cfg.decay) == (
+        epochs, lr, batch, orth, decay)
+    assert (cfg.ca_epochs, cfg.ca_lr, cfg.margin, cfg.ca_samples) == (
+        ca_epochs, ca_lr, margin, 5 * batch)
+    # every file: weight_decay 5e-4 (also the alignment's), min_lr 0, reg 0.001, scale 20, r 16;
+    # the code's alignment T_max is 5
+    assert (cfg.weight_decay, cfg.ca_weight_decay, cfg.min_lr, cfg.reg, cfg.scale) == (
+        5e-4, 5e-4, 0.0, 0.001, 20.0)
+    assert (cfg.ffn_num, cfg.ca_t_max, cfg.universal, cfg.decay_rule) == (16, 5, "merged", "task")
+
+
 def test_the_lowest_entropy_adapter_wins_as_in_the_official_code():
     g = torch.Generator().manual_seed(2)
     sharpness = torch.tensor([1.0, 4.0, 2.0, 8.0]).view(4, 1, 1)  # vary which row is sharpest
@@ -150,7 +207,7 @@ def test_the_lowest_entropy_adapter_wins_as_in_the_official_code():
 
 
 def test_statistics_equal_a_direct_computation(trained):
-    stream, strategy, _ = trained
+    stream, strategy, _, _ = trained
     strategy.model.eval()
     with torch.no_grad():
         for task in range(3):
@@ -176,12 +233,12 @@ def test_decay_rules():
 
 
 def test_old_adapters_frozen_bit_identical_unless_the_official_gradient_is_asked(trained):
-    _, strategy, snapshots = trained
+    _, strategy, snapshots, _ = trained
     for task, snapshot in enumerate(snapshots):
         now = strategy.task_adapter_parameters(task)
         assert all(torch.equal(a, b) for a, b in zip(snapshot, now))
         assert not any(p.requires_grad for p in now)
-    _, moved, snapshots = train(tasks=2, orth_moves_old=True, epochs=1)
+    _, moved, snapshots, _ = train(tasks=2, orth_moves_old=True, epochs=1)
     ups = {id(p) for p in moved.up_projections(0)}
     now = moved.task_adapter_parameters(0)
     changed = [not torch.equal(a, b) for a, b in zip(snapshots[0], now)]
@@ -190,7 +247,7 @@ def test_old_adapters_frozen_bit_identical_unless_the_official_gradient_is_asked
 
 
 def test_prediction_sees_only_images_no_task_label(trained):
-    stream, strategy, _ = trained
+    stream, strategy, _, _ = trained
     strategy.model.eval()
     x, y = images_of(stream.test[1].dataset)
     outputs = []
