@@ -82,8 +82,7 @@ def official_classifier_align(head, params, means, covs, batch_size, ca_lr, epoc
     optimizer = torch.optim.SGD([{"params": params, "lr": ca_lr, "weight_decay": weight_decay}],
                                 lr=ca_lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer=optimizer, T_max=t_max)
-    total, per_class = len(means), batch_size * 5
-    factors = mean_factors or [1.0] * total
+    total, per_class, factors = len(means), batch_size * 5, mean_factors or [1.0] * len(means)
     for _ in range(epochs):
         sampled, labels = [], []
         for c in range(total):
@@ -227,7 +226,6 @@ def test_recipe_is_the_official_config(benchmark):
     cfg = MOS.Config(**MOS.defaults_for(benchmark, 10))
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay) == (epochs, lr, batch, decay)
     assert cfg.ca_covariance == {"covariance": "full", "variance": "diagonal"}[storage]
-    # all: min_lr 0, reg 0.1, momentum 0.1, ensemble, ffn_num 16, crct_epochs 30, ca_lr 0.005
     assert (cfg.min_lr, cfg.reg, cfg.adapter_momentum, cfg.ensemble, cfg.ffn_num) == (
         0.0, 0.1, 0.1, True, 16)
     assert (cfg.ca_epochs, cfg.ca_lr, cfg.ca_samples, cfg.ca_weight_decay) == (
@@ -255,7 +253,7 @@ def test_prediction_statistics_and_ensemble_follow_the_official_code(trained):
     stream, strategy, _, _ = trained
     strategy.model.eval()
     with torch.no_grad():
-        protos, gaussians = [], strategy.gaussians
+        protos, gaussians, calls = [], strategy.gaussians, []
         for task in range(3):  # statistics against a direct computation
             x, y = images_of(stream.train[task].dataset)
             own = strategy.adapter_features(x, task).double()
@@ -269,8 +267,10 @@ def test_prediction_statistics_and_ensemble_follow_the_official_code(trained):
         feats = torch.stack([strategy.adapter_features(x, t) for t in range(3)], 1)
         orig = F.normalize(feats[:, 0], dim=1) @ F.normalize(torch.stack(protos).float(), dim=1).T
         expected, _ = official_eval(orig, feats, strategy.model.head, gaussians.class_task, 2)
+        hook = strategy.model.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1))
         torch.testing.assert_close(strategy.predict(x), expected, rtol=1e-5, atol=1e-6)
-    assert strategy.forward_passes_per_image == 3
+    hook.remove()
+    assert strategy.forward_passes_per_image == len(calls) == 3  # the passes predict runs
 
 
 def test_old_adapters_frozen_bit_identical_new_adapter_starts_from_the_last(trained):

@@ -137,12 +137,16 @@ def test_selection_and_combined_logits_follow_the_official_code(trained):
                                 for k in range(3)])
         universal = 20 * head(strategy.adapter_features(x, 0))
         expected, pick = official_eval(per_task, universal)
+        calls = []  # the backbone passes predict runs, against the reported count
+        hook = strategy.model.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1))
         torch.testing.assert_close(strategy.predict(x), expected, rtol=1e-5, atol=1e-6)
-        strategy.config.universal = "last"  # the official code's evaluated path
+        assert strategy.forward_passes_per_image == len(calls) == 4
+        strategy.config.universal, calls[:] = "last", []  # the official code's evaluated path
         last, _ = official_eval(per_task, per_task[-1])
         torch.testing.assert_close(strategy.predict(x), last, rtol=1e-5, atol=1e-6)
+        assert strategy.forward_passes_per_image == len(calls) == 3
         strategy.config.universal = "merged"
-    assert strategy.forward_passes_per_image == 4
+    hook.remove()
 
 
 def test_optimiser_is_the_official_one(trained):
