@@ -4,39 +4,21 @@ the optimiser groups, the classifier alignment, the self-refined retrieval and t
 logits, the recipes; old adapters frozen, statistics equal to a direct computation, no task label
 at test time; resume, bf16, and (slow) the CLI on digits and a killed run resumed."""
 
-import copy
 
 import pytest
 import torch
-from torch.distributions import MultivariateNormal
 from torch.nn import functional as F
 
 from clbench.context import RunContext
 from clbench.methods.prototype import mos
 from clbench.methods.prototype.mos import MOS, retrieve
 from clbench.model import CLModel
+from adapter_alignment import official_classifier_align, record_alignments
 from helpers import (Killed, build, digits_results, images_of, kill_after_task, tensor_stream,
                      tiny_vit)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(n_tasks=3, epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=20)
-
-
-def record_alignments(monkeypatch, module, strategy) -> list[dict]:
-    """Every call of ``module.align_classifier``: the model's head before and after it, the
-    random state it started from, and the Gaussians (means, covariances, tasks) it saw."""
-    calls = []
-    real = module.align_classifier
-
-    def spy(head, gaussians, task, *args, **kwargs):
-        call = dict(task=task, rng=torch.get_rng_state(), before=copy.deepcopy(strategy.model.head),
-                    means=gaussians.means, covs=gaussians.covs,
-                    class_task=list(gaussians.class_task))
-        real(head, gaussians, task, *args, **kwargs)
-        calls.append({**call, "after": copy.deepcopy(strategy.model.head)})
-
-    monkeypatch.setattr(module, "align_classifier", spy)
-    return calls
 
 
 def train(tasks=3, **config):
@@ -72,32 +54,6 @@ def official_orth_loss(class_means, features, reg):
     rows = torch.cat([class_means, features], dim=0) if len(class_means) else features
     sim = torch.matmul(rows, rows.t()) / 0.8
     return reg * F.cross_entropy(sim, torch.arange(0, sim.shape[0]).long())
-
-
-def official_classifier_align(head, params, means, covs, batch_size, ca_lr, epochs, weight_decay,
-                              t_max, scale=1.0, mean_factors=None):
-    """``classifer_align`` of both codes: SGD (the group's weight decay overrides 5e-4) under
-    CosineAnnealingLR(T_max); per epoch batch_size × 5 draws per class (TUNA: from the mean times
-    its decay factor, logits times ``scale``), one shuffle, one batch of that size per class."""
-    optimizer = torch.optim.SGD([{"params": params, "lr": ca_lr, "weight_decay": weight_decay}],
-                                lr=ca_lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer=optimizer, T_max=t_max)
-    total, per_class, factors = len(means), batch_size * 5, mean_factors or [1.0] * len(means)
-    for _ in range(epochs):
-        sampled, labels = [], []
-        for c in range(total):
-            m = MultivariateNormal((means[c] * factors[c]).float(), covs[c].float())
-            sampled.append(m.sample(sample_shape=(per_class,)))
-            labels.extend([c] * per_class)
-        order = torch.randperm(len(labels))
-        inputs, targets = torch.cat(sampled).float()[order], torch.tensor(labels).long()[order]
-        for it in range(total):
-            batch = slice(it * per_class, (it + 1) * per_class)
-            loss = F.cross_entropy(scale * head(inputs[batch])[:, :total], targets[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
 
 
 def official_eval(orig_logits, all_features, head, cls2task, cur_task, ensemble=True):

@@ -17,8 +17,8 @@ from clbench.context import RunContext
 from clbench.methods.prototype import tuna
 from clbench.methods.prototype.tuna import TUNA, TUNAGaussians, emr_unified, entropy_selected
 from clbench.model import CLModel
+from adapter_alignment import official_classifier_align, record_alignments
 from helpers import build, images_of, tensor_stream, tiny_vit
-from test_mos import official_classifier_align, record_alignments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=20, reg=0.5)
