@@ -3,8 +3,6 @@
 the optimiser groups, the classifier alignment, the self-refined retrieval and the ensembled
 logits, the recipes; old adapters frozen, statistics equal to a direct computation, no task label
 at test time; resume, bf16, and (slow) the CLI on digits and a killed run resumed."""
-
-
 import pytest
 import torch
 from torch.nn import functional as F
