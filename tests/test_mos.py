@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from clbench.context import RunContext
 from clbench.methods.prototype import mos
 from clbench.methods.prototype.mos import MOS, retrieve
-from clbench.model import CLModel
-from adapter_alignment import official_classifier_align, record_alignments
+from task_adapter_checks import (check_bf16_run, check_prediction_ignores_task_labels,
+                                 check_resume_continues_identically, official_classifier_align,
+                                 record_alignments)
 from helpers import (Killed, build, digits_results, images_of, kill_after_task, tensor_stream,
                      tiny_vit)
 
@@ -245,48 +245,17 @@ def test_old_adapters_frozen_bit_identical_new_adapter_starts_from_the_last(trai
 
 
 def test_prediction_sees_only_images_no_task_label(trained):
-    stream, strategy, _, _ = trained
-    strategy.model.eval()
-    x, y = images_of(stream.test[1].dataset)
-    outputs = []
-    with torch.no_grad():
-        for tasks in (torch.zeros(len(y), dtype=torch.long), torch.full((len(y),), 2)):
-            strategy.mbatch = [x, y, tasks]
-            strategy.is_training = False
-            outputs.append(strategy.forward())
-        one_by_one = torch.cat([strategy.predict(x[i:i + 1]) for i in range(len(x))])
-    assert torch.equal(outputs[0], outputs[1])
-    torch.testing.assert_close(outputs[0], one_by_one, rtol=1e-5, atol=1e-6)
+    check_prediction_ignores_task_labels(trained[1], trained[0])
 
 
 def test_resume_continues_identically():
-    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    kwargs = {**SMALL, "n_tasks": 2, "epochs": 1}
-    first = build(MOS, tiny_vit(), **kwargs)
-    first.train(stream.train[0])
-    second = build(MOS, tiny_vit(), **kwargs)
-    second.load_checkpoint(first.checkpoint())
-    x = images_of(stream.test[0].dataset)[0]
-    for strategy in (first, second):
-        torch.manual_seed(5)  # the same adapter-dropout draws (the runner seeds every task)
-        strategy.train(stream.train[1])
-        strategy.model.eval()
-    with torch.no_grad():
-        assert torch.equal(first.predict(x), second.predict(x))
+    config = {k: v for k, v in SMALL.items() if k != "n_tasks"}
+    first, second = check_resume_continues_identically(MOS, **{**config, "epochs": 1})
     assert torch.equal(first.gaussians.covs, second.gaussians.covs)
 
 
 def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
-    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    vit = tiny_vit()
-    context = RunContext.for_backbone(vit, n_tasks=2, precision="bf16")
-    strategy = MOS(model=CLModel(vit, vit.num_features), context=context, seed=0,
-                   config=MOS.Config(**{k: v for k, v in SMALL.items() if k != "n_tasks"}))
-    for task in range(2):
-        strategy.train(stream.train[task])
-        correct, total = strategy.evaluate_counts(stream.test[:task + 1])
-        assert sum(total) == 4 * (task + 1)
-    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+    check_bf16_run(MOS, **{k: v for k, v in SMALL.items() if k != "n_tasks"})
 
 
 # ----------------------------------------------------------------- end to end (slow)

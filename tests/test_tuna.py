@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from clbench.context import RunContext
 from clbench.methods.prototype import tuna
 from clbench.methods.prototype.tuna import TUNA, TUNAGaussians, emr_unified, entropy_selected
-from clbench.model import CLModel
-from adapter_alignment import official_classifier_align, record_alignments
+from task_adapter_checks import (check_bf16_run, check_prediction_ignores_task_labels,
+                                 check_resume_continues_identically, official_classifier_align,
+                                 record_alignments)
 from helpers import build, images_of, tensor_stream, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -251,47 +251,15 @@ def test_old_adapters_frozen_bit_identical_unless_the_official_gradient_is_asked
 
 
 def test_prediction_sees_only_images_no_task_label(trained):
-    stream, strategy, _, _ = trained
-    strategy.model.eval()
-    x, y = images_of(stream.test[1].dataset)
-    outputs = []
-    with torch.no_grad():
-        for tasks in (torch.zeros(len(y), dtype=torch.long), torch.full((len(y),), 2)):
-            strategy.mbatch = [x, y, tasks]
-            strategy.is_training = False
-            outputs.append(strategy.forward())
-        one_by_one = torch.cat([strategy.predict(x[i:i + 1]) for i in range(len(x))])
-    assert torch.equal(outputs[0], outputs[1])
-    torch.testing.assert_close(outputs[0], one_by_one, rtol=1e-5, atol=1e-6)
+    check_prediction_ignores_task_labels(trained[1], trained[0])
 
 
 def test_resume_continues_identically():
-    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    kwargs = {**SMALL, "epochs": 1}
-    first = build(TUNA, tiny_vit(), n_tasks=2, **kwargs)
-    first.train(stream.train[0])
-    second = build(TUNA, tiny_vit(), n_tasks=2, **kwargs)
-    second.load_checkpoint(first.checkpoint())
-    x = images_of(stream.test[0].dataset)[0]
-    for strategy in (first, second):
-        torch.manual_seed(5)  # the same adapter-dropout draws (the runner seeds every task)
-        strategy.train(stream.train[1])
-        strategy.model.eval()
-    with torch.no_grad():
-        assert torch.equal(first.predict(x), second.predict(x))
+    check_resume_continues_identically(TUNA, **{**SMALL, "epochs": 1})
 
 
 def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
-    stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    vit = tiny_vit()
-    context = RunContext.for_backbone(vit, n_tasks=2, precision="bf16")
-    strategy = TUNA(model=CLModel(vit, vit.num_features), context=context, seed=0,
-                    config=TUNA.Config(**{**SMALL, "epochs": 1}))
-    for task in range(2):
-        strategy.train(stream.train[task])
-        correct, total = strategy.evaluate_counts(stream.test[:task + 1])
-        assert sum(total) == 4 * (task + 1)
-    assert all(torch.isfinite(p).all() for p in strategy.model.parameters())
+    check_bf16_run(TUNA, **{**SMALL, "epochs": 1})
 
 
 @pytest.mark.slow
