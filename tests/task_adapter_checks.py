@@ -4,6 +4,7 @@ official codes (``classifer_align`` in sun-hailong/AAAI25-MOS and LAMDA-CL/ICCV2
 must pass (no task label at test time, resume, bf16)."""
 import copy
 
+import pytest
 import torch
 from helpers import build, images_of, tensor_stream, tiny_vit
 from torch.distributions import MultivariateNormal
@@ -54,6 +55,20 @@ def official_classifier_align(head, params, means, covs, batch_size, ca_lr, epoc
             loss.backward()
             optimizer.step()
         scheduler.step()
+
+
+def train_recording(cls, module, tasks: int = 3, **config):
+    """``tasks`` tasks of two classes: the stream, the strategy, each task's adapter parameters
+    right after it, and the alignment calls (``module.align_classifier`` spied)."""
+    stream = tensor_stream(n_classes=2 * tasks, n_tasks=tasks, train_per_class=5)
+    strategy = build(cls, tiny_vit(), n_tasks=tasks, **config)
+    snapshots = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        alignments = record_alignments(monkeypatch, module, strategy)
+        for task in range(tasks):
+            strategy.train(stream.train[task])
+            snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
+    return stream, strategy, snapshots, alignments
 
 
 def check_prediction_ignores_task_labels(strategy, stream) -> None:

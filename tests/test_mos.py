@@ -11,30 +11,18 @@ from clbench.methods.prototype import mos
 from clbench.methods.prototype.mos import MOS, retrieve
 from task_adapter_checks import (check_bf16_run, check_prediction_ignores_task_labels,
                                  check_resume_continues_identically, official_classifier_align,
-                                 record_alignments)
+                                 train_recording)
 from helpers import (Killed, build, digits_results, images_of, kill_after_task, tensor_stream,
                      tiny_vit)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SMALL = dict(n_tasks=3, epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=20)
-
-
-def train(tasks=3, **config):
-    stream = tensor_stream(n_classes=2 * tasks, n_tasks=tasks, train_per_class=5)
-    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": tasks, **config})
-    snapshots = []
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        alignments = record_alignments(monkeypatch, mos, strategy)
-        for task in range(tasks):
-            strategy.train(stream.train[task])
-            snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
-    return stream, strategy, snapshots, alignments
+SMALL = dict(epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=20)
 
 
 @pytest.fixture(scope="module")
 def trained():
     torch.set_num_threads(1)
-    return train()
+    return train_recording(MOS, mos, tasks=3, **SMALL)
 
 
 # ----------------------------------------------------------------- references (official math)
@@ -100,7 +88,7 @@ def test_merge_runs_once_after_every_optimiser_step_from_the_second_task(monkeyp
     monkeypatch.setattr(torch.optim.SGD, "step",
                         lambda self, *a, **k: steps.append(len(calls)) or real_step(self, *a, **k))
     stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": 2, "ca_epochs": 0})
+    strategy = build(MOS, tiny_vit(), n_tasks=2, **{**SMALL, "ca_epochs": 0})
     strategy.train(stream.train[0])
     first = len(calls)
     start = [p.clone() for p in strategy.task_adapter_parameters(0)]
@@ -235,7 +223,7 @@ def test_old_adapters_frozen_bit_identical_new_adapter_starts_from_the_last(trai
         assert not any(p.requires_grad for p in now)
     start = []
     stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": 2, "epochs": 1})
+    strategy = build(MOS, tiny_vit(), n_tasks=2, **{**SMALL, "epochs": 1})
     real = strategy.before_task
     strategy.before_task = lambda task: real(task) or start.append(
         [p.clone() for p in strategy.task_adapter_parameters(task)])
@@ -249,13 +237,12 @@ def test_prediction_sees_only_images_no_task_label(trained):
 
 
 def test_resume_continues_identically():
-    config = {k: v for k, v in SMALL.items() if k != "n_tasks"}
-    first, second = check_resume_continues_identically(MOS, **{**config, "epochs": 1})
+    first, second = check_resume_continues_identically(MOS, **{**SMALL, "epochs": 1})
     assert torch.equal(first.gaussians.covs, second.gaussians.covs)
 
 
 def test_a_run_under_bf16_autocast_trains_aligns_and_predicts():
-    check_bf16_run(MOS, **{k: v for k, v in SMALL.items() if k != "n_tasks"})
+    check_bf16_run(MOS, **SMALL)
 
 
 # ----------------------------------------------------------------- end to end (slow)
@@ -300,8 +287,8 @@ def test_the_codes_merge_before_every_block_on_request():
     """``merge_in_forward``: as the code's ``forward_features``, block b runs the adapter merged
     b + 1 times and the adapter is left merged once per block (stored ones too, at inference)."""
     stream = tensor_stream(n_classes=4, n_tasks=2, train_per_class=4)
-    strategy = build(MOS, tiny_vit(), **{**SMALL, "n_tasks": 2, "epochs": 1,
-                                         "merge_in_forward": True, "adapter_momentum": 0.3})
+    strategy = build(MOS, tiny_vit(), n_tasks=2, **{**SMALL, "epochs": 1, "merge_in_forward": True,
+                                                    "adapter_momentum": 0.3})
     for task in range(2):
         strategy.train(stream.train[task])
     strategy.model.eval()

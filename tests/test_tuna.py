@@ -17,23 +17,15 @@ from clbench.methods.prototype import tuna
 from clbench.methods.prototype.tuna import TUNA, TUNAGaussians, emr_unified, entropy_selected
 from task_adapter_checks import (check_bf16_run, check_prediction_ignores_task_labels,
                                  check_resume_continues_identically, official_classifier_align,
-                                 record_alignments)
-from helpers import build, images_of, tensor_stream, tiny_vit
+                                 train_recording)
+from helpers import images_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(epochs=2, lr=0.05, batch_size=4, ffn_num=4, ca_epochs=2, ca_samples=20, reg=0.5)
 
 
 def train(tasks=3, **config):
-    stream = tensor_stream(n_classes=2 * tasks, n_tasks=tasks, train_per_class=5)
-    strategy = build(TUNA, tiny_vit(), n_tasks=tasks, **{**SMALL, **config})
-    snapshots = []
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        alignments = record_alignments(monkeypatch, tuna, strategy)
-        for task in range(tasks):
-            strategy.train(stream.train[task])
-            snapshots.append([p.clone() for p in strategy.task_adapter_parameters(task)])
-    return stream, strategy, snapshots, alignments
+    return train_recording(TUNA, tuna, tasks, **{**SMALL, **config})
 
 
 @pytest.fixture(scope="module")
