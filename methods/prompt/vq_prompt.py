@@ -231,9 +231,7 @@ class VQPrompt(PromptStrategy):
     def __init__(self, *, plugins=None, **kwargs):
         super().__init__(plugins=[*(plugins or []), _PerStepSchedule()], **kwargs)
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, {}))
+    recipes = BENCHMARK_DEFAULTS
 
     @classmethod
     def validate(cls, config, context) -> None:

@@ -75,9 +75,8 @@ def complement(real: torch.Tensor, ranges: list[tuple[int, int]], offset: int = 
 class EASE(PrototypeStrategy):
     Config = EASEConfig
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, _CIFAR))
+    recipes = BENCHMARK_DEFAULTS
+    fallback_recipe = _CIFAR
 
     @property
     def forward_passes_per_image(self) -> int:

@@ -42,9 +42,8 @@ class FirstSessionTuning(PrototypeStrategy):
 
     Config = AdapterConfig
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, CIFAR_RECIPE))
+    recipes = BENCHMARK_DEFAULTS
+    fallback_recipe = CIFAR_RECIPE
 
     def prepare_model(self, model) -> None:
         model.backbone.requires_grad_(False)

@@ -120,9 +120,8 @@ class MOS(TaskAdapterStrategy):
     def __init__(self, *, plugins=None, **kwargs):
         super().__init__(plugins=[*(plugins or []), _MergeAfterStep()], **kwargs)
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, _CIFAR))
+    recipes = BENCHMARK_DEFAULTS
+    fallback_recipe = _CIFAR
 
     @property
     def forward_passes_per_image(self) -> int:

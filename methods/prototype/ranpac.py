@@ -75,9 +75,8 @@ class RanPAC(FirstSessionTuning):
     Config = RanPACConfig
     forward_passes_per_image = 1
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, _DEFAULT))
+    recipes = BENCHMARK_DEFAULTS
+    fallback_recipe = _DEFAULT
 
     def prepare_model(self, model) -> None:
         super().prepare_model(model)

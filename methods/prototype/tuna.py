@@ -151,9 +151,8 @@ class TUNA(TaskAdapterStrategy):
     Config = TUNAConfig
     first_slot = 1  # slot 0: the universal adapter
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, _IMAGENET_R))
+    recipes = BENCHMARK_DEFAULTS
+    fallback_recipe = _IMAGENET_R
 
     @property
     def forward_passes_per_image(self) -> int:

@@ -31,6 +31,4 @@ BENCHMARK_DEFAULTS = {
 class SLCA(SlowLearner):
     """Full sequential fine-tuning, slowed, with post-hoc head alignment; see ``base``."""
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, {}))
+    recipes = BENCHMARK_DEFAULTS

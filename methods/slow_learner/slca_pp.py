@@ -178,9 +178,7 @@ class SLCApp(SlowLearner):
     Config = SLCAppConfig
     requires = (lora_linears,)
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, {}))
+    recipes = BENCHMARK_DEFAULTS
 
     def select_backbone(self, backbone: nn.Module) -> None:
         c = self.config

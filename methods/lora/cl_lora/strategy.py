@@ -104,9 +104,8 @@ class CLLoRA(PrototypeStrategy):
     Config = CLLoRAConfig
     requires = (fused_qkv,)
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, _INR))
+    recipes = BENCHMARK_DEFAULTS
+    fallback_recipe = _INR
 
     @classmethod
     def validate(cls, config, context) -> None:

@@ -96,9 +96,7 @@ class InfLoRA(CLStrategy):
     forward_passes_per_image = 1
     requires = (fused_qkv,)
 
-    @classmethod
-    def defaults_for(cls, benchmark: str, n_tasks: int) -> dict:
-        return dict(BENCHMARK_DEFAULTS.get(benchmark, {}))
+    recipes = BENCHMARK_DEFAULTS
 
     @classmethod
     def validate(cls, config, context) -> None:
