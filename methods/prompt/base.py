@@ -105,6 +105,12 @@ class PromptStrategy(CLStrategy):
         return injection.prompt_blocks(config.prompt_blocks, type(config)().prompt_blocks, depth,
                                        cls.registered_name)
 
+    def checked_prompt_blocks(self, vit) -> list[int]:
+        """The blocks this method prefix-tunes in ``vit``, each checked to be promptable."""
+        blocks = self.resolve_blocks(self.config, len(vit.blocks))
+        injection.check_promptable(vit, blocks)
+        return blocks
+
     def make_scheduler_for_task(self, optimizer):
         return cosine_per_epoch(optimizer, self.config.epochs) if self.config.schedule == "cosine" else None
 

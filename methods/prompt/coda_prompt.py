@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clbench.errors import UsageError
-from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+from clbench.methods.prompt import (PromptConfig, PromptStrategy, prompted_tokens,
                                split_prefix)
 from clbench.precision import exact
 from clbench.registry import register_method
@@ -137,8 +137,7 @@ class CodaPrompt(PromptStrategy):
         c = self.config
         vit = model.backbone
         self.per_task = c.n_components // self.context.n_tasks
-        self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks))
-        check_promptable(vit, self.prompt_blocks)
+        self.prompt_blocks = self.checked_prompt_blocks(vit)
         model.add_state("prompt", CodaComponents(len(self.prompt_blocks), c.n_components,
                                                  c.prompt_length, vit.embed_dim))
         self._ortho = 0.0

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from clbench.class_stats import ClassStatistics, StatisticsOptions, collect
 from clbench.errors import UsageError
-from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+from clbench.methods.prompt import (PromptConfig, PromptStrategy, prompted_tokens,
                                query_features)
 from clbench.methods.prompt.hide_mechanisms import (PROMPT_LAYOUTS, EpochIndexedSchedules,
                                                     TaskIdentityHead, contrastive_regulariser,
@@ -118,8 +118,7 @@ class HiDePrompt(PromptStrategy):
     def prepare_model(self, model) -> None:
         super().prepare_model(model)
         c, vit = self.config, model.backbone
-        self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks))
-        check_promptable(vit, self.prompt_blocks)
+        self.prompt_blocks = self.checked_prompt_blocks(vit)
         dim, n_tasks = vit.embed_dim, self.context.n_tasks
         model.add_state("prompt", nn.Parameter(
             torch.empty(len(self.prompt_blocks), n_tasks, 2 * c.prompt_length, dim).uniform_(-1, 1)))

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from clbench.class_stats import StatisticsOptions
 from clbench.distributed import all_reduce_sum
 from clbench.errors import UsageError
-from clbench.methods.prompt import (PromptConfig, PromptStrategy, check_promptable, prompted_tokens,
+from clbench.methods.prompt import (PromptConfig, PromptStrategy, prompted_tokens,
                                     query_features, split_prefix)
 from clbench.precision import exact
 from clbench.registry import register_method
@@ -240,8 +240,7 @@ class VQPrompt(PromptStrategy):
     def prepare_model(self, model) -> None:
         super().prepare_model(model)
         c, vit = self.config, model.backbone
-        self.prompt_blocks = self.resolve_blocks(c, len(vit.blocks))
-        check_promptable(vit, self.prompt_blocks)
+        self.prompt_blocks = self.checked_prompt_blocks(vit)
         model.add_state("prompt", VQPool(len(self.prompt_blocks), c.pool_size, c.prompt_length,
                                          vit.embed_dim))
         self.moments = ClassMoments(vit.embed_dim)
